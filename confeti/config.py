@@ -1,0 +1,257 @@
+"""One dataclass holds every knob; three presets name the settings we use.
+
+- ``smoke()``: seconds per run on a CPU; what the tests and ``CONFETI_SMOKE=1`` notebooks use.
+- ``toy()``: a few minutes per run on a 2-core laptop, on the ToyStreets benchmark.
+- ``paper()``: GTA5 -> Cityscapes as in the official code (see README "Deviations").
+
+The paper's schedule constants (EMA alpha, warm-up gates, prototype momentum, LR warm-up) are
+tuned for 40k iterations. ``scale_schedule`` derives them for any run length in one visible
+place: gates keep their fraction of the run, EMA time constants keep their fraction too.
+Override any field with ``dataclasses.replace(cfg, field=value)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+PRESETS = ("smoke", "toy", "paper")
+METHODS = ("source_only", "oracle", "style", "contrast", "selftrain", "confeti")
+SCHEDULES = ("single_stage", "two_stage")
+
+
+@dataclass
+class Config:
+    preset: str = "toy"
+    seed: int = 0
+
+    # ---- data -----------------------------------------------------------------------------
+    source: str = "gta5"  # gta5 | synthia (the source folder under --data)
+    num_classes: int = 19
+    source_resize: tuple[int, int] | None = None  # (H, W) box the image is resized into
+    target_resize: tuple[int, int] | None = None
+    crop_size: tuple[int, int] = (64, 128)  # (H, W)
+    cat_max_ratio: float = 0.75  # re-draw crops where one class covers more than this
+    batch_size: int = 4  # per domain: B source + B target crops per iteration
+    num_workers: int = 0
+    rcs: bool = True  # rare-class sampling on the source
+    rcs_temperature: float = 0.01
+    rcs_min_pixels: int = 3000
+    eval_max_images: int | None = None  # evaluate on a prefix of the split (None = all)
+
+    # ---- segmentor --------------------------------------------------------------------------
+    backbone: str = "tiny"  # resnet101 | resnet50 | resnet34 | resnet18 | tiny
+    backbone_width: int = 32  # base width of the "tiny" backbone
+    aspp_dilations: tuple[int, ...] = (1, 2, 3, 4)
+    pretrained: str | None = None  # None | "imagenet" | path/to/state_dict.pt
+
+    # ---- optimisation (AdamW + poly with linear warm-up, as the official code) -------------
+    iters: int = 1000
+    lr: float = 6e-5
+    head_lr_mult: float = 10.0
+    weight_decay: float = 0.01
+    warmup_iters: int = 1500
+    poly_power: float = 1.0
+    amp: bool = True  # autocast on CUDA (bf16 if supported, else fp16 + GradScaler)
+    channels_last: bool = True  # on CUDA only
+
+    # ---- self-training base (DACS / DAFormer) ----------------------------------------------
+    ema_alpha: float = 0.999
+    pseudo_threshold: float = 0.968
+    pseudo_ignore_top: int = 15
+    pseudo_ignore_bottom: int = 120
+    color_jitter_p: float = 0.8
+    color_jitter_strength: float = 0.2
+    blur_p: float = 0.5
+    fd_weight: float = 0.005
+    fd_ratio: float = 0.75
+
+    # ---- pixel-level alignment: CUT ----------------------------------------------------------
+    ngf: int = 64
+    n_blocks: int = 9
+    ndf: int = 64
+    d_layers: int = 3
+    nce_layers: tuple[int, ...] = (0, 4, 8, 12, 16)
+    num_patches: int = 256
+    nce_tau: float = 0.07
+    lambda_gan: float = 1.0
+    lambda_nce: float = 1.0
+    cut_lr: float = 2e-4
+    style_pretrain_iters: int = 0  # phase 0: standalone CUT before the segmentor trains
+
+    # ---- feature-level alignment: prototypes and contrast ---------------------------------
+    proto_dim: int = 512
+    proto_momentum: float = 0.999
+    proto_top_k: int = 32
+    tau: float = 0.1
+    contrast_samples: int = 4096
+    contrast_weight: float = 0.5
+    reg_weight: float = 2.0
+    cam_weight: float = 1.0
+    psc_weight: float = 0.1
+    psc_judge: str = "student"  # student (paper code) | teacher (follow-up, normalised, /tau)
+
+    # ---- warm-up gates (iterations) -----------------------------------------------------------
+    proto_warmup_iters: int = 3000  # prototypes from pasted source only, uniform weights
+    contrast_start: int = 3000
+    cam_mix_start: int = 2000
+
+    # ---- CONFETI schedule ---------------------------------------------------------------------
+    schedule: str = "single_stage"  # single_stage | two_stage
+
+    # ---- logging / evaluation -------------------------------------------------------------
+    log_every: int = 10
+    eval_every: int = 4000
+    ckpt_every: int = 500
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Config:
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - set(names))
+        if unknown:
+            raise ValueError(f"unknown config field(s) {unknown}; valid fields: {sorted(names)}")
+        kw = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        return cls(**kw)
+
+    def validate(self) -> Config:
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; choose one of {PRESETS}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {SCHEDULES}")
+        if self.psc_judge not in ("student", "teacher"):
+            raise ValueError(f"psc_judge must be 'student' or 'teacher', got {self.psc_judge!r}")
+        if self.iters < 1 or self.batch_size < 1:
+            raise ValueError("iters and batch_size must be >= 1")
+        if any(s % 8 for s in self.crop_size):
+            raise ValueError(f"crop_size {self.crop_size} must be divisible by 8 (output stride)")
+        return self
+
+
+# The paper's 40k-iteration constants; `scale_schedule` keeps their fractions of the run.
+_PAPER_ITERS = 40_000
+_PAPER_GATES = dict(proto_warmup_iters=3000, contrast_start=3000, cam_mix_start=2000)
+_PAPER_WARMUP = 1500
+_PAPER_EMA_TC = 1000  # 1 / (1 - 0.999) iterations
+_PAPER_PROTO_TC = 1000
+
+
+def scale_schedule(cfg: Config, iters: int, min_time_constant: float = 10.0) -> Config:
+    """Return ``cfg`` with ``iters`` and every schedule constant scaled to that run length.
+
+    gate_new = gate_paper * iters / 40k;  alpha_new = 1 - 1 / max(tc_paper * iters / 40k, min_tc)
+    """
+    f = iters / _PAPER_ITERS
+    gates = {k: int(round(v * f)) for k, v in _PAPER_GATES.items()}
+    ema_tc = max(_PAPER_EMA_TC * f, min_time_constant)
+    proto_tc = max(_PAPER_PROTO_TC * f, min_time_constant)
+    return dataclasses.replace(
+        cfg,
+        iters=iters,
+        warmup_iters=int(round(_PAPER_WARMUP * f)),
+        ema_alpha=1.0 - 1.0 / ema_tc,
+        proto_momentum=1.0 - 1.0 / proto_tc,
+        **gates,
+    )
+
+
+def paper() -> Config:
+    """GTA5 -> Cityscapes as the official code: DLv2-R101, 512 crops, batch 2, 40k iterations."""
+    return Config(
+        preset="paper",
+        seed=114,
+        source_resize=(720, 1280),
+        target_resize=(640, 1280),
+        crop_size=(512, 512),
+        batch_size=2,
+        num_workers=4,
+        backbone="resnet101",
+        aspp_dilations=(6, 12, 18, 24),
+        pretrained="imagenet",
+        iters=40_000,
+        eval_every=4000,
+        ckpt_every=1000,
+        log_every=50,
+    ).validate()
+
+
+def toy() -> Config:
+    """ToyStreets on a 2-core CPU: a narrow dilated ResNet, 64x128 crops, a small CUT.
+
+    ASPP dilations are scaled to the 8x16 feature map (dilation 24 would only see padding).
+    """
+    cfg = Config(
+        preset="toy",
+        source_resize=None,
+        target_resize=None,
+        crop_size=(64, 128),
+        batch_size=4,
+        backbone="tiny",
+        backbone_width=32,
+        aspp_dilations=(1, 2, 3, 4),
+        pretrained=None,
+        lr=1e-3,
+        weight_decay=0.01,
+        amp=False,
+        pseudo_threshold=0.9,
+        pseudo_ignore_top=0,
+        pseudo_ignore_bottom=0,
+        rcs_min_pixels=50,
+        fd_weight=0.0,  # no ImageNet backbone on ToyStreets: the feature distance is skipped
+        ngf=8,
+        n_blocks=2,
+        ndf=16,
+        d_layers=2,
+        nce_layers=(0, 4, 8, 12),
+        num_patches=64,
+        cut_lr=2e-4,
+        proto_dim=64,
+        contrast_samples=1024,
+        log_every=10,
+        eval_every=10**9,
+        ckpt_every=100,
+    )
+    return scale_schedule(cfg, 800).validate()
+
+
+def smoke() -> Config:
+    """Tiny everything: a whole run in seconds (tests, ``CONFETI_SMOKE=1`` notebooks)."""
+    cfg = dataclasses.replace(
+        toy(),
+        preset="smoke",
+        crop_size=(32, 64),
+        batch_size=2,
+        backbone_width=8,
+        ngf=4,
+        n_blocks=1,
+        ndf=8,
+        num_patches=16,
+        proto_dim=16,
+        contrast_samples=128,
+        eval_max_images=8,
+        log_every=2,
+        ckpt_every=5,
+    )
+    return scale_schedule(cfg, 10, min_time_constant=2.0).validate()
+
+
+def get_preset(name: str) -> Config:
+    """``"toy"`` -> ``toy()``; an unknown name lists the valid ones."""
+    presets = {"smoke": smoke, "toy": toy, "paper": paper}
+    if name not in presets:
+        raise ValueError(f"unknown preset {name!r}; choose one of {PRESETS}")
+    return presets[name]()
+
+
+def field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(Config)]
+
+
+__all__ = ["Config", "PRESETS", "METHODS", "SCHEDULES", "get_preset", "paper", "toy", "smoke"]
+_ = field  # re-exported for users who build their own presets
