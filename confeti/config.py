@@ -17,7 +17,16 @@ import json
 from dataclasses import dataclass, field
 
 PRESETS = ("smoke", "toy", "paper")
-METHODS = ("source_only", "oracle", "style", "contrast", "selftrain", "confeti")
+METHODS = (
+    "source_only",
+    "oracle",
+    "style",
+    "contrast",
+    "selftrain",
+    "selftrain+style",
+    "selftrain+contrast",
+    "confeti",
+)
 SCHEDULES = ("single_stage", "two_stage")
 
 
@@ -79,6 +88,7 @@ class Config:
     lambda_nce: float = 1.0
     cut_lr: float = 2e-4
     style_pretrain_iters: int = 0  # phase 0: standalone CUT before the segmentor trains
+    style_joint: bool = True  # keep training G (CUT + consistency) while the segmentor trains
 
     # ---- feature-level alignment: prototypes and contrast ---------------------------------
     proto_dim: int = 512

@@ -1,0 +1,33 @@
+import numpy as np
+import torch
+
+from confeti import labels as L
+
+
+def test_classes_palette_and_ids():
+    assert len(L.CLASSES) == 19 and L.CLASSES[0] == "road" and L.CLASSES[18] == "bicycle"
+    assert L.PALETTE.shape == (19, 3) and tuple(L.PALETTE[0]) == (128, 64, 128)
+    # label id 7 is road, 26 car, 33 bicycle; 0 unlabeled, -1 license plate, 34 unknown -> ignore
+    ids = np.array([[7, 26, 33], [0, -1, 34]])
+    out = L.id_to_train_id(ids)
+    assert out.tolist() == [[0, 13, 18], [255, 255, 255]]
+    assert L.id_to_train_id(torch.tensor(ids)).dtype == torch.int64
+
+
+def test_every_label_id_maps_back():
+    for k, lid in enumerate(L.LABEL_ID_OF_TRAIN_ID):
+        assert L.id_to_train_id(np.array([lid]))[0] == k
+    assert (L.id_to_train_id(np.arange(-1, 34)) != 255).sum() == 19
+
+
+def test_synthia_subsets_and_map():
+    assert len(L.SYNTHIA16) == 16 and len(L.SYNTHIA13) == 13
+    assert 9 not in L.SYNTHIA16 and 3 not in L.SYNTHIA13
+    assert L.synthia_to_train_id(np.array([3, 8, 0, 13])).tolist() == [0, 13, 255, 255]
+
+
+def test_colorize_and_resize_labels():
+    rgb = L.colorize(np.array([[0, 255]]))
+    assert rgb.shape == (1, 2, 3) and tuple(rgb[0, 0]) == (128, 64, 128) and rgb[0, 1].sum() == 0
+    lab = torch.arange(16).view(1, 4, 4)
+    assert L.resize_labels(lab, (2, 2)).tolist() == [[[0, 2], [8, 10]]]
