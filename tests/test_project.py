@@ -1,8 +1,8 @@
 """The project files users start from: environment.yml, pyproject, the Makefile's commands."""
 
-import tomllib
 from pathlib import Path
 
+import tomllib
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]

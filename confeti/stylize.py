@@ -1,0 +1,345 @@
+"""Pixel-level alignment: CUT (Contrastive Unpaired Translation, Park et al., ECCV 2020).
+
+A ResNet generator G turns a source image into a target-styled one, x_s2t = G(x_s). A PatchGAN
+discriminator D pushes G's output towards the target look (LSGAN), and PatchNCE keeps the content:
+a patch of G(x) must match the patch of x at the same place better than any other patch of x,
+
+    L_NCE(x, G(x)) = E_l E_i -log[ exp(q_i·k_i/τ) / (exp(q_i·k_i/τ) + Σ_{j≠i} exp(q_i·k_j/τ)) ]
+
+with q = F_l(G_enc^l(G(x))) (queries), k = F_l(G_enc^l(x)) (keys, stop-gradient), F_l a small MLP
+per encoder layer l, vectors L2-normalised, τ = 0.07, and negatives the other patches of the same
+image. In CONFETI this module is trained jointly with the segmentor (spec §3.2, §3.8, §7); the
+semantic-consistency loss reaches G through ``StyleTransfer.g_step(extra_loss=...)``.
+
+Taught in notebooks/02_pixel_alignment.ipynb.
+
+Shape: images (B, 3, H, W), ImageNet-normalised outside this module, CUT's [-1, 1] range inside.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .datasets import denormalize, normalize
+
+
+def to_cut_range(x: torch.Tensor) -> torch.Tensor:
+    """ImageNet-normalised -> [-1, 1]: x01 = x·std + mean; (x01 - 0.5) / 0.5. Shape: (B,3,H,W)."""
+    return (denormalize(x) - 0.5) / 0.5
+
+
+def from_cut_range(y: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] -> ImageNet-normalised: normalize(y·0.5 + 0.5). Shape: (B, 3, H, W)."""
+    return normalize(y * 0.5 + 0.5)
+
+
+def _binomial(taps: list[float]) -> torch.Tensor:
+    a = torch.tensor(taps)
+    filt = a[:, None] * a[None, :]  # outer product: separable 2-D binomial filter
+    return filt / filt.sum()
+
+
+class BlurDown(nn.Module):
+    """Anti-aliased ×½ downsampling: reflect-pad 1, blur with [1,2,1]ᵀ[1,2,1]/16, stride 2.
+
+    Shape: (B, C, H, W) -> (B, C, ceil(H/2), ceil(W/2)).
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.register_buffer(
+            "filt", _binomial([1, 2, 1]).expand(channels, 1, 3, 3).clone(), persistent=False
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.pad(x, (1, 1, 1, 1), mode="reflect")
+        return F.conv2d(x, self.filt.to(x.dtype), stride=2, groups=x.shape[1])
+
+
+class BlurUp(nn.Module):
+    """Anti-aliased ×2 upsampling: zero-insertion + blur with 4·[1,3,3,1]ᵀ[1,3,3,1]/64.
+
+    As in the official code: replicate-pad 1, transposed depthwise conv (stride 2), crop 1 pixel
+    on each side. Shape: (B, C, H, W) -> (B, C, 2H, 2W).
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        filt = _binomial([1, 3, 3, 1]) * 4  # ×stride² keeps the mean intensity after zero insertion
+        self.register_buffer("filt", filt.expand(channels, 1, 4, 4).clone(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.pad(x, (1, 1, 1, 1), mode="replicate")
+        y = F.conv_transpose2d(x, self.filt.to(x.dtype), stride=2, padding=2, groups=x.shape[1])
+        return y[:, :, 1:-1, 1:-1]  # (B, C, 2H+2, 2W+2) -> (B, C, 2H, 2W)
+
+
+class ResnetBlock(nn.Module):
+    """y = x + IN(conv3(pad(ReLU(IN(conv3(pad(x))))))), reflect pad. Shape: (B, C, H, W) -> same."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.block = nn.Sequential(
+            nn.ReflectionPad2d(1), nn.Conv2d(dim, dim, 3), nn.InstanceNorm2d(dim), nn.ReLU(True),
+            nn.ReflectionPad2d(1), nn.Conv2d(dim, dim, 3), nn.InstanceNorm2d(dim),
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.block(x)
+
+
+class Generator(nn.Module):
+    """CUT's ResNet generator, one flat ``nn.Sequential`` so NCE layers are indices into it.
+
+    Indices (n_downsampling=2): 0 reflect-pad (input level), 1-3 conv7/IN/ReLU, 4 conv3 ngf->2ngf,
+    7 blur-down, 8 conv3 2ngf->4ngf, 11 blur-down, 12.. ResNet blocks (12 = block 1, 16 = block 5),
+    then blur-up + conv/IN/ReLU twice, reflect-pad, conv7 -> 3, tanh.
+    Shape: (B, 3, H, W) in [-1, 1] -> (B, 3, H, W) in [-1, 1] (H, W multiples of 4).
+    """
+
+    def __init__(self, ngf: int = 64, n_blocks: int = 9, n_downsampling: int = 2):
+        super().__init__()
+        layers: list[nn.Module] = [
+            nn.ReflectionPad2d(3), nn.Conv2d(3, ngf, 7), nn.InstanceNorm2d(ngf), nn.ReLU(True),
+        ]  # fmt: skip
+        chans = [3, ngf, ngf, ngf]  # output channels of each layer, for nce_channels()
+        for i in range(n_downsampling):
+            c_in, c_out = ngf * 2**i, ngf * 2 ** (i + 1)
+            layers += [
+                nn.Conv2d(c_in, c_out, 3, padding=1), nn.InstanceNorm2d(c_out), nn.ReLU(True),
+                BlurDown(c_out),
+            ]  # fmt: skip
+            chans += [c_out] * 4
+        c = ngf * 2**n_downsampling
+        layers += [ResnetBlock(c) for _ in range(n_blocks)]
+        chans += [c] * n_blocks
+        self.n_encoder = len(layers)  # valid NCE layer indices: 0 .. n_encoder - 1
+        for i in range(n_downsampling):
+            c_in, c_out = ngf * 2 ** (n_downsampling - i), ngf * 2 ** (n_downsampling - i - 1)
+            layers += [
+                BlurUp(c_in), nn.Conv2d(c_in, c_out, 3, padding=1), nn.InstanceNorm2d(c_out),
+                nn.ReLU(True),
+            ]  # fmt: skip
+        layers += [nn.ReflectionPad2d(3), nn.Conv2d(ngf, 3, 7), nn.Tanh()]
+        self.model = nn.Sequential(*layers)
+        self._channels = chans
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def check_layers(self, layers) -> list[int]:
+        valid = range(self.n_encoder)
+        if len(layers) == 0 or any(int(i) not in valid for i in layers):
+            raise ValueError(
+                f"nce layers {tuple(layers)} invalid: choose among {list(valid)} for this generator"
+            )
+        return [int(i) for i in layers]
+
+    def nce_channels(self, layers) -> list[int]:
+        """Channels at ``layers`` (ngf=64: 0 -> 3, 4 -> 128, 8 -> 256, 12.. -> 256)."""
+        return [self._channels[i] for i in self.check_layers(layers)]
+
+    def encode(self, x: torch.Tensor, layers) -> list[torch.Tensor]:
+        """Outputs of the Sequential at ``layers``; stops after max(layers).
+
+        Shape: (B, 3, H, W) -> list of (B, C_l, H_l, W_l).
+        """
+        layers = self.check_layers(layers)
+        out = {}
+        for i, layer in enumerate(self.model[: max(layers) + 1]):
+            x = layer(x)
+            if i in layers:
+                out[i] = x
+        return [out[i] for i in layers]
+
+
+class Discriminator(nn.Module):
+    """PatchGAN (70×70 receptive field for n_layers=3), as in the official code (anti-aliased):
+    conv4-LReLU-blurdown, (conv4-IN-LReLU-blurdown) × (n-1), conv4-IN-LReLU, conv4 -> 1 channel.
+
+    Shape: (B, 3, H, W) -> (B, 1, h, w) real/fake scores (h ≈ H / 2^n - 2).
+    """
+
+    def __init__(self, ndf: int = 64, n_layers: int = 3):
+        super().__init__()
+
+        def lrelu():
+            return nn.LeakyReLU(0.2, True)
+
+        layers: list[nn.Module] = [nn.Conv2d(3, ndf, 4, padding=1), lrelu(), BlurDown(ndf)]
+        c = ndf
+        for n in range(1, n_layers):
+            c_out = ndf * min(2**n, 8)
+            layers += [nn.Conv2d(c, c_out, 4, padding=1), nn.InstanceNorm2d(c_out), lrelu()]
+            layers += [BlurDown(c_out)]
+            c = c_out
+        c_out = ndf * min(2**n_layers, 8)
+        layers += [nn.Conv2d(c, c_out, 4, padding=1), nn.InstanceNorm2d(c_out), lrelu()]
+        layers += [nn.Conv2d(c_out, 1, 4, padding=1)]  # 1-channel patch map
+        self.model = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
+class PatchSampleMLP(nn.Module):
+    """F: sample patch positions; embed each with Linear(C_l,dim)-ReLU-Linear(dim,dim); L2-normalise
+
+    Built eagerly from ``Generator.nce_channels`` (the official code builds it lazily on first use).
+    Shape: feats [(B, C_l, H_l, W_l)] -> [(B·N_l, dim)], N_l = min(num_patches, H_l·W_l).
+    """
+
+    def __init__(self, in_channels: list[int], dim: int = 256):
+        super().__init__()
+        self.mlps = nn.ModuleList(
+            nn.Sequential(nn.Linear(c, dim), nn.ReLU(True), nn.Linear(dim, dim))
+            for c in in_channels
+        )
+
+    def forward(self, feats, num_patches: int, patch_ids=None):
+        samples, ids = [], []
+        for layer, (feat, mlp) in enumerate(zip(feats, self.mlps)):
+            flat = feat.permute(0, 2, 3, 1).flatten(1, 2)  # (B, C, H, W) -> (B, H·W, C)
+            hw = flat.shape[1]
+            # as in the official code: one random set of positions for the whole batch
+            idx = patch_ids[layer] if patch_ids is not None else torch.randperm(hw)[:num_patches]
+            idx = idx.to(feat.device)
+            z = mlp(flat[:, idx, :].flatten(0, 1))  # (B, N, C) -> (B·N, dim)
+            samples.append(z / (z.norm(dim=1, keepdim=True) + 1e-7))  # z/||z|| (official eps)
+            ids.append(idx)
+        return samples, ids
+
+
+def patch_nce_loss(
+    feat_q: torch.Tensor, feat_k: torch.Tensor, batch_size: int, tau: float = 0.07
+) -> torch.Tensor:
+    """PatchNCE: CE over logits [q_i·k_i, q_i·k_j for all j of the same image] / τ, target 0.
+
+    As in the official code: the self-pair j = i among the negatives is filled with -10 before /τ
+    (its term exp(-10/τ) ≈ 1e-62 stays in the sum). Keys are detached. Mean over B·N queries.
+    Shape: feat_q, feat_k (B·N, D), rows unit-norm -> scalar.
+    """
+    feat_k = feat_k.detach()
+    d = feat_q.shape[1]
+    l_pos = (feat_q * feat_k).sum(dim=1, keepdim=True)  # (B·N, 1): q_i·k_i
+    q = feat_q.reshape(batch_size, -1, d)  # (B, N, D)
+    k = feat_k.reshape(batch_size, -1, d)  # (B, N, D)
+    n = q.shape[1]
+    l_neg = torch.bmm(q, k.transpose(1, 2))  # (B, N, N): q_i·k_j within an image
+    self_pair = torch.eye(n, dtype=torch.bool, device=q.device)[None]
+    l_neg = l_neg.masked_fill(self_pair, -10.0).reshape(-1, n)  # (B·N, N)
+    logits = torch.cat([l_pos, l_neg], dim=1) / tau  # (B·N, 1 + N)
+    target = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+    return F.cross_entropy(logits.float(), target)
+
+
+def lsgan_loss(pred: torch.Tensor, target_is_real: bool) -> torch.Tensor:
+    """LSGAN: mean (D(x) - 1)² for real, mean D(x)² for fake. Shape: (B, 1, h, w) -> scalar."""
+    return F.mse_loss(pred.float(), torch.full_like(pred.float(), 1.0 if target_is_real else 0.0))
+
+
+def init_weights(module: nn.Module, gain: float = 0.02) -> None:
+    """As in the official code (init_type xavier): weights ~ xavier normal(gain), biases 0."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.xavier_normal_(m.weight, gain=gain)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+class StyleTransfer(nn.Module):
+    """G, D, F and their Adam optimizers (constant LR: the official code never steps CUT's LR).
+
+    Public methods take ImageNet-normalised images; D and the NCE see CUT's [-1, 1] range.
+    With a ``scaler`` (torch.amp.GradScaler) backward/step go through it; the caller calls
+    ``scaler.update()`` once per iteration. Shape: images (B, 3, H, W), H and W multiples of 4.
+    """
+
+    def __init__(self, ngf: int = 64, n_blocks: int = 9, ndf: int = 64, d_layers: int = 3,
+                 nce_layers=(0, 4, 8, 12, 16), num_patches: int = 256, nce_tau: float = 0.07,
+                 lambda_gan: float = 1.0, lambda_nce: float = 1.0, lr: float = 2e-4,
+                 betas=(0.5, 0.999)):  # fmt: skip
+        super().__init__()
+        self.G, self.D = Generator(ngf, n_blocks), Discriminator(ndf, d_layers)
+        self.nce_layers = tuple(self.G.check_layers(nce_layers))
+        self.F = PatchSampleMLP(self.G.nce_channels(self.nce_layers))
+        for net in (self.G, self.D, self.F):
+            init_weights(net)
+        self.num_patches, self.nce_tau = num_patches, nce_tau
+        self.lambda_gan, self.lambda_nce = lambda_gan, lambda_nce
+        self.optimizers = {
+            name: torch.optim.Adam(net.parameters(), lr=lr, betas=tuple(betas))
+            for name, net in (("G", self.G), ("D", self.D), ("F", self.F))
+        }
+
+    def optim_state_dict(self) -> dict:
+        return {name: opt.state_dict() for name, opt in self.optimizers.items()}
+
+    def load_optim_state_dict(self, d: dict) -> None:
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(d[name])
+
+    def translate(self, x_s: torch.Tensor) -> torch.Tensor:
+        """x_s2t = G(x_s), graph to G kept. Shape: (B, 3, H, W) -> same, ImageNet-normalised."""
+        return from_cut_range(self.G(to_cut_range(x_s)))
+
+    def _nce(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """(1/L) Σ_l PatchNCE(queries from b, keys from a) on [-1, 1] images, × λ_NCE."""
+        with torch.no_grad():  # keys are detached anyway: no graph needed for G(a) or F(keys)
+            feat_k, ids = self.F(self.G.encode(a, self.nce_layers), self.num_patches)
+        feat_q, _ = self.F(self.G.encode(b, self.nce_layers), self.num_patches, ids)
+        losses = [patch_nce_loss(q, k, a.shape[0], self.nce_tau) for q, k in zip(feat_q, feat_k)]
+        return self.lambda_nce * torch.stack(losses).mean()
+
+    def nce(self, x_a: torch.Tensor, x_b: torch.Tensor) -> torch.Tensor:
+        """PatchNCE, keys from x_a, queries from x_b (ImageNet-normalised). Shape: -> ()."""
+        return self._nce(to_cut_range(x_a), to_cut_range(x_b))
+
+    def _step(self, loss: torch.Tensor, names, scaler) -> None:
+        if scaler is None:
+            loss.backward()
+            for n in names:
+                self.optimizers[n].step()
+        else:
+            scaler.scale(loss).backward()
+            for n in names:
+                scaler.step(self.optimizers[n])
+
+    def d_step(self, x_s2t: torch.Tensor, x_t: torch.Tensor, scaler=None) -> dict:
+        """L_D = ½[MSE(D(x̃_s.detach()), 0) + MSE(D(x_t), 1)]; one D step. Returns {"loss_D"}."""
+        self.D.requires_grad_(True)
+        self.optimizers["D"].zero_grad(set_to_none=True)
+        fake, real = to_cut_range(x_s2t.detach()), to_cut_range(x_t)
+        loss = 0.5 * (lsgan_loss(self.D(fake), False) + lsgan_loss(self.D(real), True))
+        self._step(loss, ["D"], scaler)
+        return {"loss_D": loss.item()}
+
+    def g_step(self, x_s, x_t, x_s2t, extra_loss=None, scaler=None) -> dict:
+        """L_G = λ_GAN·MSE(D(x̃_s), 1) + ½[NCE(x_s, x̃_s) + NCE(x_t, G(x_t))] (λ_NCE inside NCE).
+
+        ``extra_loss`` (the semantic consistency, graph to G) joins the same backward. G and F grads
+        are zeroed first; D is frozen (requires_grad restored after); steps G and F.
+        """
+        self.optimizers["G"].zero_grad(set_to_none=True)
+        self.optimizers["F"].zero_grad(set_to_none=True)
+        flags = [p.requires_grad for p in self.D.parameters()]
+        self.D.requires_grad_(False)
+        try:
+            src, tgt, fake = to_cut_range(x_s), to_cut_range(x_t), to_cut_range(x_s2t)
+            idt = self.G(tgt)  # as in the official code (nce_idt): identity NCE on G(x_t)
+            loss_gan = self.lambda_gan * lsgan_loss(self.D(fake), True)
+            loss_nce = 0.5 * (self._nce(src, fake) + self._nce(tgt, idt))
+            loss_g = loss_gan + loss_nce
+            total = loss_g if extra_loss is None else loss_g + extra_loss
+            self._step(total, ["G", "F"], scaler)
+        finally:
+            for p, f in zip(self.D.parameters(), flags):
+                p.requires_grad_(f)
+        return {"loss_G_gan": loss_gan.item(), "loss_nce": loss_nce.item(), "loss_G": loss_g.item()}
+
+    def pretrain_step(self, x_s: torch.Tensor, x_t: torch.Tensor) -> dict:
+        """One standalone CUT iteration (phase 0): translate, D step, G + F step."""
+        x_s2t = self.translate(x_s)
+        return {**self.d_step(x_s2t, x_t), **self.g_step(x_s, x_t, x_s2t)}
