@@ -72,7 +72,9 @@ def load_state_checked(module: nn.Module, state: dict, what: str) -> None:
         if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(v.shape)
     ]
     if missing or unexpected or shapes:
-        lines = [f"the checkpoint's {what} does not fit this model (another preset or class count?)"]
+        lines = [
+            f"the checkpoint's {what} does not fit this model (another preset or class count?)"
+        ]
         if shapes:
             lines.append("shape mismatches:\n  " + "\n  ".join(shapes[:20]))
         if missing:

@@ -204,3 +204,205 @@ def plot_train_step(images: dict, index: int = 0) -> Figure:
             ax.set_title(title)
         fig.tight_layout()
     return fig
+
+
+# ---- training, results and the ablation (notebooks 04 and 05; python -m confeti figures) -----
+def plot_training_curves(metrics: dict[str, list[dict]], keys=None) -> Figure:
+    """Loss curves per run. ``metrics``: run name -> rows of metrics.jsonl."""
+    keys = keys or ["seg_src", "seg_mix", "pc_src", "pc_mix", "psc", "loss_G", "loss_D", "pseudo_q"]
+    present = [k for k in keys if any(k in r for rows in metrics.values() for r in rows)]
+    n = max(len(present), 1)
+    cols = min(4, n)
+    rows_n = (n + cols - 1) // cols
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(rows_n, cols, figsize=(3.2 * cols, 2.4 * rows_n), squeeze=False)
+        for ax, k in zip(axes.flat, present):
+            for name, rows in metrics.items():
+                pts = [(r["iter"], r[k]) for r in rows if k in r and r.get("phase") != "eval"]
+                if pts:
+                    it, v = zip(*pts)
+                    ax.plot(it, v, label=name, lw=1)
+            ax.set_title(k)
+            ax.set_xlabel("iteration")
+        for ax in list(axes.flat)[len(present) :]:
+            ax.axis("off")
+        axes.flat[0].legend(fontsize=7)
+        fig.tight_layout()
+    return fig
+
+
+def plot_ablation(results: dict) -> Figure:
+    """Bars of mIoU mean ± std per method (left) and a per-class IoU heat-map (right)."""
+    import seaborn as sns
+
+    methods = list(results)
+    means = [results[m]["miou_mean"] for m in methods]
+    stds = [results[m]["miou_std"] for m in methods]
+    grid = np.array(
+        [
+            [
+                np.nan if results[m]["iou_mean"][c] is None else results[m]["iou_mean"][c]
+                for c in CLASSES
+            ]
+            for m in methods
+        ]
+    )
+    with plt.rc_context(STYLE):
+        fig, (a, b) = plt.subplots(
+            1, 2, figsize=(15, 0.45 * len(methods) + 2.5), gridspec_kw={"width_ratios": [1, 3]}
+        )
+        a.barh(methods, means, xerr=stds, color="#4c72b0", capsize=3)
+        a.invert_yaxis()
+        a.set_xlabel("mIoU (%)  mean ± std over seeds")
+        for i, (m, s) in enumerate(zip(means, stds)):
+            a.text(m + s + 0.5, i, f"{m:.1f}", va="center", fontsize=8)
+        sns.heatmap(
+            grid,
+            ax=b,
+            annot=True,
+            fmt=".0f",
+            cmap="viridis",
+            vmin=0,
+            vmax=100,
+            xticklabels=[c[:6] for c in CLASSES],
+            yticklabels=methods,
+            cbar=False,
+            annot_kws={"fontsize": 7},
+        )
+        b.set_title("per-class IoU (%)")
+        fig.tight_layout()
+    return fig
+
+
+def plot_results_table(results: dict) -> Figure:
+    """The ablation table as an image (method, mIoU mean ± std, seeds, seconds per run)."""
+    rows = [
+        [
+            m,
+            f"{r['miou_mean']:.1f} ± {r['miou_std']:.1f}",
+            str(r["seeds"]),
+            f"{r['seconds_mean']:.0f}",
+        ]
+        for m, r in results.items()
+    ]
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(6, 0.35 * len(rows) + 0.8))
+        ax.axis("off")
+        tab = ax.table(
+            cellText=rows,
+            colLabels=["method", "mIoU (%)", "seeds", "s / run"],
+            loc="center",
+            cellLoc="center",
+        )
+        tab.scale(1, 1.3)
+    return fig
+
+
+def plot_qualitative(images, labels, predictions: dict[str, torch.Tensor], n: int = 4) -> Figure:
+    """Rows of target image | one prediction per method | ground truth (Cityscapes colours)."""
+    cols = ["target image", *predictions, "ground truth"]
+    n = min(n, len(images))
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(
+            n, len(cols), figsize=(2.4 * len(cols), 1.35 * n + 0.4), squeeze=False
+        )
+        for i in range(n):
+            panels = [to_image(images[i])]
+            panels += [colorize(p[i]) for p in predictions.values()]
+            panels.append(colorize(labels[i]))
+            for j, img in enumerate(panels):
+                axes[i, j].imshow(img)
+                axes[i, j].set_xticks([])
+                axes[i, j].set_yticks([])
+                if i == 0:
+                    axes[i, j].set_title(cols[j])
+        fig.tight_layout()
+    return fig
+
+
+def plot_per_class_iou(rows: dict[str, dict[str, float | None]]) -> Figure:
+    """Grouped bars of per-class IoU; ``rows``: name -> {class: IoU %} (ours or a peer's row)."""
+    names = list(rows)
+    x = np.arange(len(CLASSES))
+    w = 0.8 / max(len(names), 1)
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(12, 3.2))
+        for i, name in enumerate(names):
+            v = [np.nan if rows[name].get(c) is None else rows[name][c] for c in CLASSES]
+            ax.bar(x + i * w - 0.4 + w / 2, v, width=w, label=name)
+        ax.set_xticks(x, [c[:7] for c in CLASSES], rotation=45, ha="right")
+        ax.set_ylabel("IoU (%)")
+        ax.set_ylim(0, 100)
+        ax.legend(ncol=min(len(names), 4), fontsize=7)
+        fig.tight_layout()
+    return fig
+
+
+def plot_tsne(panels: dict, score_text: dict[str, str] | None = None) -> Figure:
+    """t-SNE panels side by side. ``panels``: title -> (xy (N,2), labels (N,), domains (N,),
+    protos_xy (C,2)). Colour = class (Cityscapes palette), marker = domain, stars = prototypes."""
+    markers = {"source": "o", "stylized": "^", "target": "s"}
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 5.4), squeeze=False)
+        for ax, (title, (xy, labels, domains, pxy)) in zip(axes[0], panels.items()):
+            for dom, mk in markers.items():
+                sel = domains == dom
+                if sel.any():
+                    ax.scatter(
+                        xy[sel, 0],
+                        xy[sel, 1],
+                        c=PALETTE[labels[sel]] / 255.0,
+                        s=5,
+                        marker=mk,
+                        alpha=0.55,
+                        linewidths=0,
+                        label=dom,
+                    )
+            for k in range(len(pxy)):
+                if not np.isnan(pxy[k]).any():
+                    ax.scatter(
+                        *pxy[k],
+                        marker="*",
+                        s=260,
+                        c=[class_color(k)],
+                        edgecolors="black",
+                        linewidths=1.2,
+                        zorder=5,
+                    )
+            ax.set_title(title)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if score_text and title in score_text:
+                ax.set_xlabel(score_text[title], fontsize=8)
+        handles = [
+            plt.Line2D([], [], ls="", marker=mk, color="grey", label=d) for d, mk in markers.items()
+        ]
+        handles.append(
+            plt.Line2D(
+                [],
+                [],
+                ls="",
+                marker="*",
+                ms=12,
+                color="grey",
+                markeredgecolor="black",
+                label="prototype",
+            )
+        )
+        axes[0, 0].legend(handles=handles, loc="upper left", fontsize=7)
+        fig.tight_layout()
+    return fig
+
+
+def plot_centroid_distance(before: list, after: list, names=("before", "after")) -> Figure:
+    """Per-class source-target centroid distance before/after adaptation (lower = aligned)."""
+    x = np.arange(len(CLASSES))
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(11, 3))
+        ax.bar(x - 0.2, before, width=0.4, label=names[0], color="#999999")
+        ax.bar(x + 0.2, after, width=0.4, label=names[1], color="#4c72b0")
+        ax.set_xticks(x, [c[:7] for c in CLASSES], rotation=45, ha="right")
+        ax.set_ylabel("‖c_source − c_target‖")
+        ax.legend()
+        fig.tight_layout()
+    return fig

@@ -1,0 +1,231 @@
+"""Command line: ``python -m confeti {data,train,eval,ablation,figures,bench,reproduce}``.
+
+The only place that reads ``sys.argv``; every command calls a package function.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import sys
+import types
+import typing
+from pathlib import Path
+
+from .config import METHODS, PRESETS, Config, field_names, get_preset, scale_schedule
+
+
+def _parse_value(name: str, raw: str):
+    """Turn ``--set name=raw`` into the field's type (bool, int, float, str, tuple, None)."""
+    ftype = {f.name: f.type for f in dataclasses.fields(Config)}[name]
+    hints = typing.get_type_hints(Config)[name]
+    if raw.lower() in ("none", "null"):
+        return None
+    origin = typing.get_origin(hints)
+    args = [a for a in typing.get_args(hints) if a is not type(None)]
+    if origin in (typing.Union, types.UnionType) and args:
+        hints = args[0]
+        origin = typing.get_origin(hints)
+    try:
+        if hints is bool:
+            if raw.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(raw)
+            return raw.lower() in ("true", "1")
+        if origin is tuple:
+            return tuple(int(v) for v in raw.replace("x", ",").split(",") if v)
+        if hints in (int, float, str):
+            return hints(raw)
+    except ValueError:
+        raise SystemExit(f"--set {name}={raw}: expected a value of type {ftype}") from None
+    return raw
+
+
+def build_config(preset: str, iters=None, seed=None, overrides=()) -> Config:
+    """Preset + ``--iters`` (schedule scaled to it) + ``--seed`` + ``--set key=value`` overrides."""
+    if preset not in PRESETS:
+        raise SystemExit(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    cfg = get_preset(preset)
+    if iters is not None:
+        cfg = scale_schedule(cfg, iters, min_time_constant=2.0 if preset == "smoke" else 10.0)
+    if seed is not None:
+        cfg = dataclasses.replace(cfg, seed=seed)
+    changes = {}
+    for item in overrides:
+        if "=" not in item:
+            raise SystemExit(f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        if key not in field_names():
+            close = difflib.get_close_matches(key, field_names(), n=3)
+            hint = f" Did you mean {', '.join(close)}?" if close else ""
+            raise SystemExit(
+                f"--set {key}: no such config field.{hint} Valid fields: {', '.join(field_names())}"
+            )
+        changes[key] = _parse_value(key, raw)
+    try:
+        return dataclasses.replace(cfg, **changes).validate()
+    except ValueError as e:
+        raise SystemExit(f"invalid configuration: {e}") from None
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="toy", help=f"one of {', '.join(PRESETS)}")
+    p.add_argument("--iters", type=int, help="iterations (schedule constants scale with it)")
+    p.add_argument("--seed", type=int)
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any Config field, e.g. --set batch_size=2",
+    )
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+
+
+def _cmd_data(a) -> None:
+    from .toystreets import write_toystreets
+
+    if a.name != "toy":
+        raise SystemExit(f"unknown data set {a.name!r}; only 'toy' can be generated")
+    summary = write_toystreets(
+        a.out,
+        n_source=a.n_source,
+        n_target_train=a.n_target_train,
+        n_target_val=a.n_target_val,
+        height=a.height,
+        width=a.width,
+        seed=a.seed,
+        appearance_gap=a.appearance_gap,
+        content_gap=a.content_gap,
+    )
+    print(json.dumps(summary, indent=2, default=str))
+
+
+def _cmd_train(a) -> None:
+    from .runner import train
+
+    if a.method not in METHODS:
+        raise SystemExit(f"unknown method {a.method!r}; choose one of {', '.join(METHODS)}")
+    cfg = build_config(a.preset, a.iters, a.seed, a.set)
+    train(cfg, a.method, a.data, a.out, resume=a.resume, overwrite=a.overwrite, device=a.device)
+
+
+def _cmd_eval(a) -> None:
+    from .datasets import CityscapesDataset
+    from .metrics import format_table
+    from .runner import evaluate_model, load_for_eval
+
+    state, cfg = load_for_eval(a.ckpt, a.device)
+    ds = CityscapesDataset(Path(a.data) / "cityscapes", split=a.split, resize=None, crop_size=None)
+    res = evaluate_model(state.student, ds, cfg, next(state.parameters()).device)
+    res["split"] = a.split
+    out = Path(a.out) if a.out else Path(a.ckpt).parent / "eval.json"
+    out.write_text(json.dumps(res, indent=2))
+    print(format_table(res))
+    print(f"wrote {out}")
+
+
+def _cmd_ablation(a) -> None:
+    from .ablation import run_ablation
+
+    cfg = build_config(a.preset, a.iters, None, a.set)
+    run_ablation(cfg, a.data, a.out, seeds=a.seeds, methods=a.methods, device=a.device)
+
+
+def _cmd_figures(a) -> None:
+    from .figures import write_figures
+
+    write_figures(a.runs, a.data, a.out)
+
+
+def _cmd_bench(a) -> None:
+    from .bench import run_bench
+
+    cfg = build_config(a.preset, None, None, a.set)
+    res = run_bench(cfg, device=a.device, repeats=a.repeats, methods=a.methods)
+    text = json.dumps(res, indent=2)
+    print(text)
+    if a.out:
+        Path(a.out).write_text(text)
+
+
+def _cmd_reproduce(a) -> None:
+    from .reproduce import reproduce
+
+    reproduce(a.data, a.runs, a.figures, preset=a.preset)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m confeti", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("data", help="generate the ToyStreets benchmark")
+    p.add_argument("name", help="'toy'")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-source", type=int, default=2000)
+    p.add_argument("--n-target-train", type=int, default=1000)
+    p.add_argument("--n-target-val", type=int, default=300)
+    p.add_argument("--height", type=int, default=128)
+    p.add_argument("--width", type=int, default=256)
+    p.add_argument("--appearance-gap", type=float, default=1.0)
+    p.add_argument("--content-gap", type=float, default=1.0)
+    p.set_defaults(fn=_cmd_data)
+
+    p = sub.add_parser("train", help="train one method")
+    _add_config_args(p)
+    p.add_argument("--method", required=True, help=f"one of {', '.join(METHODS)}")
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace the run in --out")
+    p.set_defaults(fn=_cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint")
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--split", default="val")
+    p.add_argument("--out", default=None)
+    p.add_argument("--device", default=None)
+    p.set_defaults(fn=_cmd_eval)
+
+    p = sub.add_parser("ablation", help="every method x seeds; table and figure")
+    _add_config_args(p)
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--methods", nargs="*", default=None)
+    p.set_defaults(fn=_cmd_ablation)
+
+    p = sub.add_parser("figures", help="write every figure from finished runs")
+    p.add_argument("--runs", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", default="figures")
+    p.set_defaults(fn=_cmd_figures)
+
+    p = sub.add_parser("bench", help="seconds per iteration, images/s, memory, FLOP/s")
+    _add_config_args(p)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--methods", nargs="*", default=None)
+    p.add_argument("--out", default=None)
+    p.set_defaults(fn=_cmd_bench)
+
+    p = sub.add_parser("reproduce", help="the whole toy pipeline: data, runs, notebooks, figures")
+    p.add_argument("--data", default="data/toystreets")
+    p.add_argument("--runs", default="runs")
+    p.add_argument("--figures", default="figures")
+    p.add_argument("--preset", default="toy")
+    p.set_defaults(fn=_cmd_reproduce)
+
+    a = ap.parse_args(argv)
+    try:
+        a.fn(a)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except (ValueError, RuntimeError, FileNotFoundError, FloatingPointError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""Class prototypes: the projection and CAM heads, and the prototype memory (EMA of centroids).
+
+Taught in notebooks/03_feature_alignment.ipynb.
+
+A prototype P_k is the unit-norm mean embedding of class k. CONFETI estimates it from the EMA
+teacher's projected features of the **ClassMix image** (stylized-source pixels with ground truth
++ target pixels with pseudo-labels), so each prototype carries "category-wise cross-domain
+information"; the teacher's CAM ranks pixels so only the top-k most class-discriminative ones
+of each class count (spec §4):
+
+    mu_k = sum_{i in top-k(w)} w_i v_i / sum w_i,    P_k <- m_k P_k + (1 - m_k) mu_k / ||mu_k||
+
+Deviations (README): prototypes are computed at feature resolution with labels resized
+(nearest) instead of upsampling 512-d features to the crop; the momentum ramp
+m_k = min(1 - 1/(n_k + 1), m) works (the official ramp caps at 0.001 and is a no-op); the update
+counters are saved in checkpoints.
+
+Shape: emb (B, D, h, w), labels (B, H, W), weights (B, C, h, w) -> protos (C, D).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from .labels import IGNORE_INDEX, resize_labels
+
+
+class ProjectionHead(nn.Module):
+    """1x1 convolution F -> D without bias (the official ``conv_proj``); output not normalised."""
+
+    def __init__(self, in_channels: int, dim: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, dim, 1, bias=False)
+
+    def forward(self, feats):
+        return self.conv(feats)  # (B, D, h, w)
+
+
+class CAMHead(nn.Module):
+    """1x1 convolution F -> C without bias: class activation maps (pre-ReLU)."""
+
+    def __init__(self, in_channels: int, num_classes: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, num_classes, 1, bias=False)
+
+    def forward(self, feats):
+        return self.conv(feats)  # (B, C, h, w)
+
+
+def class_presence(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """z_{b,k} = 1 iff class k occurs in image b. Shape: (B, H, W) -> (B, C) float."""
+    valid = labels.clone()
+    valid[(valid < 0) | (valid >= num_classes)] = num_classes  # ignore -> an extra bin
+    onehot = F.one_hot(valid.flatten(1), num_classes + 1).amax(1)  # (B, C + 1)
+    return onehot[:, :num_classes].float()
+
+
+def cam_loss(cam_logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Multi-label BCE of the globally pooled CAM: BCE(GAP(cam), z), mean over B x C."""
+    pooled = cam_logits.float().mean(dim=(2, 3))  # (B, C) global average pooling
+    return F.binary_cross_entropy_with_logits(pooled, class_presence(labels, num_classes))
+
+
+class PrototypeMemory(nn.Module):
+    """C x D prototypes, rows unit-norm (zero while a class is unseen), EMA-updated."""
+
+    def __init__(
+        self,
+        num_classes: int,
+        dim: int,
+        momentum: float = 0.999,
+        top_k: int = 32,
+        ramp: bool = True,
+    ):
+        super().__init__()
+        self.num_classes, self.momentum, self.top_k, self.ramp = num_classes, momentum, top_k, ramp
+        self.register_buffer("protos", torch.zeros(num_classes, dim))
+        self.register_buffer("counts", torch.zeros(num_classes, dtype=torch.long))
+
+    def get(self) -> torch.Tensor:
+        """The prototypes, detached: the contrast never sends gradient into them."""
+        return self.protos.detach().clone()
+
+    @torch.no_grad()
+    def class_sums(self, emb, labels, weights=None, mask=None):
+        """Per class, the weighted sum of its top-k pixels and the sum of their weights.
+
+        Shape: -> sums (C, D), totals (C,).
+        """
+        b, d, h, w = emb.shape
+        lab = resize_labels(labels, (h, w)).reshape(-1)  # (B*h*w,)
+        if mask is not None:
+            keep = resize_labels(mask.long(), (h, w)).reshape(-1).bool()
+            lab = torch.where(keep, lab, torch.full_like(lab, IGNORE_INDEX))
+        v = emb.float().permute(0, 2, 3, 1).reshape(-1, d)  # (B*h*w, D)
+        wts = (
+            None
+            if weights is None
+            else weights.float().permute(0, 2, 3, 1).reshape(-1, self.num_classes)
+        )
+        sums = emb.new_zeros(self.num_classes, d, dtype=torch.float32)
+        totals = emb.new_zeros(self.num_classes, dtype=torch.float32)
+        for k in torch.unique(lab).tolist():
+            if k == IGNORE_INDEX or not 0 <= k < self.num_classes:
+                continue
+            idx = torch.nonzero(lab == k).squeeze(1)
+            wk = torch.ones(len(idx), device=emb.device) if wts is None else wts[idx, k]
+            if len(idx) > self.top_k:  # keep the k most class-discriminative pixels (stable ties)
+                order = torch.sort(wk, descending=True, stable=True).indices[: self.top_k]
+                idx, wk = idx[order], wk[order]
+            sums[k] = (wk[:, None] * v[idx]).sum(0)  # sum_i w_i v_i
+            totals[k] = wk.sum()
+        return sums, totals
+
+    @torch.no_grad()
+    def update(self, emb, labels, weights=None, mask=None) -> list[int]:
+        """One EMA update from a batch; returns the classes that were updated."""
+        sums, totals = self.class_sums(emb, labels, weights, mask)
+        if dist.is_available() and dist.is_initialized():  # every rank: the same prototypes
+            dist.all_reduce(sums)
+            dist.all_reduce(totals)
+        updated = []
+        for k in torch.nonzero(totals > 0).squeeze(1).tolist():
+            mu = F.normalize(sums[k] / totals[k], dim=0)  # mu_k / ||mu_k||
+            n = int(self.counts[k])
+            if n == 0:
+                self.protos[k] = mu  # the first observation replaces
+            else:
+                m = min(1 - 1 / (n + 1), self.momentum) if self.ramp else self.momentum
+                self.protos[k] = m * self.protos[k] + (1 - m) * mu
+            self.counts[k] += 1
+            updated.append(k)
+        self.protos.copy_(F.normalize(self.protos, dim=1))  # zero rows stay zero
+        return updated
+
+
+def similarity(emb: torch.Tensor, protos: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of every pixel to every prototype. Shape: (B, D, h, w) -> (B, C, h, w)."""
+    return torch.einsum("bdhw,cd->bchw", F.normalize(emb.float(), dim=1), protos.float())

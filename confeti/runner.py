@@ -1,0 +1,429 @@
+"""The training loop around ``train_step``: data, phases, checkpoints, logging, evaluation.
+
+Taught in notebooks/04_joint_training.ipynb. Guarantees (tested in tests/test_runner.py and
+tests/test_reliability.py):
+
+- Every random draw of iteration t (which images, crops, flips, ClassMix classes, augmentation,
+  sampled pixels and patches) is a function of (seed, rank, t): a run resumed from a checkpoint
+  at iteration t continues bit-for-bit on CPU.
+- ``checkpoint.pt`` is written atomically every ``ckpt_every`` iterations, on Ctrl-C and at the
+  end; a NaN/Inf loss stops the run, naming the loss and iteration, without overwriting it.
+- Phases of one run: (0) standalone CUT pre-training for ``style_pretrain_iters``; (1) the method
+  for ``iters``; (2) for ``schedule="two_stage"`` CONFETI, the segmentor is re-initialised and trained
+  for ``iters`` more with G frozen (the official code's second stage).
+- Multi-GPU through ``torchrun``: each rank draws its own batches, gradients are averaged with
+  all-reduce before every optimizer step, prototypes are synchronised inside their update, and
+  rank 0 alone writes files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from .checkpoint import load_checkpoint, load_state_checked, save_atomic
+from .config import Config
+from .datasets import CityscapesDataset, GTA5Dataset, RareClassSampler, SynthiaDataset
+from .metrics import evaluate, format_table, summarize
+from .train import TrainState, check_finite, parts_of, set_lr, train_step
+
+CKPT = "checkpoint.pt"
+
+
+class RunError(RuntimeError):
+    """A run that cannot start: bad options, an occupied output folder."""
+
+
+# ---- devices and distributed ------------------------------------------------------------------
+def resolve_device(device: str | None = None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RunError(f"--device {device} asked for, but no CUDA device is available")
+    return torch.device(device)
+
+
+def init_distributed(device: torch.device) -> tuple[int, int]:
+    """(rank, world) from torchrun's environment; gloo on CPU, nccl on GPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def average_gradients(module: torch.nn.Module) -> None:
+    """All-reduce and average the gradients of ``module`` over ranks (one flat buffer)."""
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+# ---- data ---------------------------------------------------------------------------------
+class _Seeded(Dataset):
+    """Calls ``base[i]`` after seeding torch's RNG, so crops/flips depend only on the seed."""
+
+    def __init__(self, base):
+        self.base = base
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, key):
+        index, seed = key
+        torch.manual_seed(seed)
+        return self.base[index]
+
+
+def _mix_seed(*parts: int) -> int:
+    h = 0x9E3779B97F4A7C15
+    for p in parts:
+        h = (h ^ (int(p) + 0x632BE59BD9B9E5)) * 0xBF58476D1CE4E5B9 % (1 << 63)
+    return h
+
+
+@dataclass
+class Data:
+    source: Dataset
+    target: Dataset
+    val: Dataset
+    rcs: RareClassSampler | None
+
+
+def build_data(cfg: Config, root: str | Path, method: str) -> Data:
+    """Source (GTA5 or SYNTHIA layout), target train and target val under ``root``."""
+    root = Path(root)
+    if not root.is_dir():
+        raise RunError(
+            f"--data {root} is not a folder (expected {root}/gta5 and {root}/cityscapes)"
+        )
+    kw = dict(crop_size=cfg.crop_size, flip=True, cat_max_ratio=cfg.cat_max_ratio)
+    src_cls = {"gta5": GTA5Dataset, "synthia": SynthiaDataset}[cfg.source]
+    source = src_cls(root / cfg.source, resize=cfg.source_resize, **kw)
+    target = CityscapesDataset(root / "cityscapes", split="train", resize=cfg.target_resize, **kw)
+    val = CityscapesDataset(root / "cityscapes", split="val", resize=None, crop_size=None)
+    for name, ds in (("source", source), ("target", target)):
+        h, w = ds.image_size(0)
+        if cfg.crop_size[0] > h or cfg.crop_size[1] > w:
+            raise RunError(f"crop_size {cfg.crop_size} is larger than the {name} images ({h}x{w})")
+    rcs = None
+    if cfg.rcs and not parts_of(method).oracle:
+        rcs = RareClassSampler(
+            source,
+            temperature=cfg.rcs_temperature,
+            min_pixels=cfg.rcs_min_pixels,
+            num_classes=cfg.num_classes,
+        )
+    return Data(source, target, val, rcs)
+
+
+class BatchStream:
+    """Batches for iterations start..stop-1; batch t is a function of (seed, rank, t) only."""
+
+    def __init__(self, data: Data, cfg: Config, start: int, stop: int, rank: int, oracle: bool):
+        self.data, self.cfg, self.rank, self.oracle = data, cfg, rank, oracle
+        self.keys = range(start, stop)
+        loader_kw = dict(num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available())
+        if cfg.num_workers > 0:
+            loader_kw["persistent_workers"] = False
+        self.src = DataLoader(_Seeded(data.source), batch_sampler=self._keys("s"), **loader_kw)
+        self.tgt = DataLoader(_Seeded(data.target), batch_sampler=self._keys("t"), **loader_kw)
+
+    def _keys(self, domain: str):
+        cfg, n = self.cfg, len(self.data.source if domain == "s" else self.data.target)
+        stream = self
+
+        class _Sampler:
+            def __len__(self):
+                return len(stream.keys)
+
+            def __iter__(self):
+                for t in stream.keys:
+                    g = torch.Generator().manual_seed(
+                        _mix_seed(cfg.seed, stream.rank, t, ord(domain))
+                    )
+                    if domain == "s" and stream.data.rcs is not None:
+                        idx = [stream.data.rcs.sample(g) for _ in range(cfg.batch_size)]
+                    else:
+                        idx = torch.randint(n, (cfg.batch_size,), generator=g).tolist()
+                    seeds = torch.randint(2**62, (cfg.batch_size,), generator=g).tolist()
+                    yield list(zip(idx, seeds))
+
+        return _Sampler()
+
+    def __iter__(self):
+        for (x_s, y_s), (x_t, y_t) in zip(self.src, self.tgt):
+            yield {"x_s": x_s, "y_s": y_s, "x_t": x_t, "y_t": y_t}
+
+
+def to_device(batch: dict, device: torch.device, channels_last: bool = False) -> dict:
+    out = {}
+    for k, v in batch.items():
+        v = v.to(device, non_blocking=True)
+        if channels_last and v.dim() == 4:
+            v = v.contiguous(memory_format=torch.channels_last)
+        out[k] = v
+    return out
+
+
+# ---- evaluation -------------------------------------------------------------------------------
+class _AtScale(torch.nn.Module):
+    """Whole-image inference at the training scale; logits are upsampled to the label size."""
+
+    def __init__(self, model, size):
+        super().__init__()
+        self.model, self.size = model, size
+
+    def forward(self, x):
+        if self.size is not None:
+            x = torch.nn.functional.interpolate(x, size=self.size, mode="bilinear")
+        return self.model(x)
+
+
+def evaluate_model(model, dataset, cfg: Config, device, progress=True, max_images=None) -> dict:
+    """mIoU of ``model`` on ``dataset`` at the training scale (``cfg.target_resize``)."""
+    loader = DataLoader(dataset, batch_size=1 if cfg.target_resize is None else 2)
+    conf = evaluate(
+        _AtScale(model, cfg.target_resize),
+        loader,
+        device,
+        num_classes=cfg.num_classes,
+        progress=progress,
+        max_images=max_images or cfg.eval_max_images,
+    )
+    out = summarize(conf)
+    out["images"] = int(min(len(dataset), max_images or cfg.eval_max_images or len(dataset)))
+    return out
+
+
+# ---- the run ----------------------------------------------------------------------------------
+def phases(cfg: Config, method: str) -> list[tuple[str, int, int]]:
+    """(name, start, stop) in global iterations."""
+    p = parts_of(method)
+    out, t = [], 0
+    if p.style and cfg.style_pretrain_iters > 0:
+        out.append(("style_pretrain", 0, cfg.style_pretrain_iters))
+        t = cfg.style_pretrain_iters
+    out.append(("train", t, t + cfg.iters))
+    if method == "confeti" and cfg.schedule == "two_stage":
+        out.append(("stage2", t + cfg.iters, t + 2 * cfg.iters))
+    return out
+
+
+def _prepare_out(out: Path, cfg: Config, method: str, resume: bool, overwrite: bool) -> None:
+    meta = {"method": method, "config": cfg.to_dict()}
+    cfg_file = out / "config.json"
+    if cfg_file.exists() and not overwrite:
+        if not resume:
+            raise RunError(
+                f"--out {out} already holds a run; pass --resume to continue it or --overwrite "
+                "to replace it"
+            )
+        old = json.loads(cfg_file.read_text())
+        if old.get("method") != method or json.dumps(
+            old.get("config"), sort_keys=True
+        ) != json.dumps(json.loads(json.dumps(meta["config"])), sort_keys=True):
+            raise RunError(f"--resume: {cfg_file} was written for another method or config")
+    if overwrite:
+        for name in (CKPT, "metrics.jsonl", "eval.json", "summary.json"):
+            (out / name).unlink(missing_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / ".config.json.tmp"
+        tmp.write_text(json.dumps(meta, indent=2))
+        os.replace(tmp, cfg_file)
+    except OSError as e:
+        raise RunError(f"cannot write to --out {out}: {e}") from e
+
+
+def _checkpoint(state: TrainState, t: int) -> dict:
+    ck = {
+        "iteration": t,
+        "method": state.method,
+        "model": state.state_dict(),
+        "optimizer": state.optimizer.state_dict(),
+        "train_style": state.train_style,
+    }
+    if state.style is not None:
+        ck["style_optim"] = state.style.optim_state_dict()
+    return ck
+
+
+def _restore(state: TrainState, ck: dict) -> int:
+    if ck.get("method") != state.method:
+        raise RunError(f"checkpoint is of method {ck.get('method')!r}, not {state.method!r}")
+    load_state_checked(state, ck["model"], "model")
+    state.optimizer.load_state_dict(ck["optimizer"])
+    state.train_style = ck.get("train_style", state.train_style)
+    if state.style is not None and "style_optim" in ck:
+        state.style.load_optim_state_dict(ck["style_optim"])
+    return int(ck["iteration"])
+
+
+def _start_stage2(state: TrainState, cfg: Config, device) -> None:
+    """Second stage of the official schedule: new segmentor from the initial weights, G frozen."""
+    torch.manual_seed(cfg.seed)  # the same initial weights as stage 1
+    fresh = TrainState(cfg, state.method, device)
+    for name in ("student", "teacher", "protos", "adapter"):
+        setattr(state, name, getattr(fresh, name))
+    state.optimizer = fresh.optimizer
+    state.train_style = False
+    state.style.requires_grad_(False)
+
+
+def train(
+    cfg: Config,
+    method: str,
+    data: str | Path,
+    out: str | Path,
+    *,
+    resume=False,
+    overwrite=False,
+    device=None,
+    progress=True,
+) -> dict:
+    """Train ``method`` with ``cfg`` on the folders under ``data``; write the run into ``out``."""
+    cfg.validate()
+    parts = parts_of(method)
+    device = resolve_device(device)
+    rank, world = init_distributed(device)
+    out = Path(out)
+    if rank == 0:
+        _prepare_out(out, cfg, method, resume, overwrite)
+    d = build_data(cfg, data, method)
+    if parts.oracle and len(d.target) == 0:
+        raise RunError("--method oracle needs labelled target images (cityscapes/gtFine/train)")
+    torch.manual_seed(cfg.seed)
+    state = TrainState(cfg, method, device)
+    if world > 1:
+        state.sync_grads = average_gradients
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    amp = None
+    if device.type == "cuda" and cfg.amp:
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        amp = torch.autocast("cuda", dtype=dtype)
+        if dtype == torch.float16:
+            state.scaler = torch.amp.GradScaler("cuda")
+    if cfg.channels_last and device.type == "cuda":
+        state.to(memory_format=torch.channels_last)
+
+    plan = phases(cfg, method)
+    total = plan[-1][2]
+    start = 0
+    ck_path = out / CKPT
+    if resume and ck_path.exists():
+        start = _restore(state, load_checkpoint(ck_path, map_location=device))
+    metrics_path = out / "metrics.jsonl"
+    if rank == 0:  # drop log lines of iterations the checkpoint does not contain
+        lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []
+        kept = [ln for ln in lines if ln and json.loads(ln)["iter"] <= start]
+        metrics_path.write_text("".join(ln + "\n" for ln in kept))
+
+    t0, t = time.time(), start
+    bar = tqdm(total=total, initial=start, desc=f"{method}", disable=not progress or rank > 0)
+    try:
+        for name, p_start, p_stop in plan:
+            if t >= p_stop:
+                continue
+            if name == "stage2" and t == p_start:
+                _start_stage2(state, cfg, device)
+            stream = BatchStream(d, cfg, t, p_stop, rank, parts.oracle)
+            for batch in stream:
+                torch.manual_seed(_mix_seed(cfg.seed, rank, t, 7))
+                batch = to_device(batch, device, cfg.channels_last and device.type == "cuda")
+                if name == "style_pretrain":
+                    logs = {
+                        k: float(v)
+                        for k, v in state.style.pretrain_step(batch["x_s"], batch["x_t"]).items()
+                    }
+                else:
+                    logs = train_step(state, batch, t - p_start, amp=amp)
+                check_finite(logs, t)
+                t += 1
+                bar.update(1)
+                if rank == 0 and (t % cfg.log_every == 0 or t == total):
+                    row = {
+                        "iter": t,
+                        "phase": name,
+                        "lr": state.optimizer.param_groups[0]["lr"],
+                        **{k: round(v, 6) for k, v in logs.items()},
+                    }
+                    with metrics_path.open("a") as f:
+                        f.write(json.dumps(row) + "\n")
+                    bar.set_postfix({k: f"{v:.3f}" for k, v in list(logs.items())[:3]})
+                if rank == 0 and (t % cfg.ckpt_every == 0 or t == total):
+                    save_atomic(_checkpoint(state, t), ck_path)
+                if rank == 0 and t % cfg.eval_every == 0 and t < total:
+                    ev = evaluate_model(state.student, d.val, cfg, device, progress=False)
+                    with metrics_path.open("a") as f:
+                        f.write(json.dumps({"iter": t, "phase": "eval", "miou": ev["miou"]}) + "\n")
+    except KeyboardInterrupt:
+        if rank == 0 and t > start:
+            save_atomic(_checkpoint(state, t), ck_path)
+            print(
+                f"\ninterrupted at iteration {t}: checkpoint saved to {ck_path}; "
+                "rerun with --resume",
+                file=sys.stderr,
+            )
+        raise
+    except FloatingPointError as e:
+        raise FloatingPointError(
+            f"{e} (iteration {t}); the last good checkpoint {ck_path} was kept"
+        ) from None
+    finally:
+        bar.close()
+    seconds = time.time() - t0
+    result = {}
+    if rank == 0:
+        result = evaluate_model(state.student, d.val, cfg, device, progress=progress)
+        result["split"] = "val"
+        (out / "eval.json").write_text(json.dumps(result, indent=2))
+        summary = {
+            "method": method,
+            "seconds": round(seconds, 1),
+            "iters_run": t - start,
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "miou": result["miou"],
+        }
+        if device.type == "cuda":
+            summary["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        if progress:
+            print(format_table(result))
+    if world > 1:
+        dist.barrier()
+    return result
+
+
+def load_for_eval(ckpt: str | Path, device=None) -> tuple[TrainState, Config]:
+    """The trained state and its config from ``RUN/checkpoint.pt`` (config.json beside it)."""
+    ckpt = Path(ckpt)
+    cfg_file = ckpt.parent / "config.json"
+    if not cfg_file.exists():
+        raise RunError(f"{cfg_file} not found next to the checkpoint {ckpt}")
+    meta = json.loads(cfg_file.read_text())
+    cfg = Config.from_dict(meta["config"])
+    device = resolve_device(device)
+    state = TrainState(cfg, meta["method"], device)
+    _restore(state, load_checkpoint(ckpt, map_location=device))
+    return state, cfg
+
+
+_ = set_lr

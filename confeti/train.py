@@ -1,0 +1,414 @@
+"""The CONFETI iteration: one function, ``train_step``, that reads top to bottom in the order of
+the official code (spec §3), and the models it works on.
+
+Taught in notebooks/04_joint_training.ipynb. Every method of the ablation is this same step with
+parts switched off (``Parts``): ``source_only`` trains on raw source; ``style`` adds the CUT
+generator G (x_s -> x_s2t) and its consistency loss; ``contrast`` adds the CAM head, prototypes and
+the pixel-to-prototype contrast on source and target; ``selftrain`` adds the EMA teacher,
+pseudo-labels and ClassMix (DACS/DAFormer); ``confeti`` is all of them.
+
+Gradient routing (spec §3.12), enforced here and tested in tests/test_train.py:
+
+| loss | student backbone | seg head | CAM | proj | adapter | G | D | F |
+| L_seg_src (x_s2t detached)   | x | x |   |   |   |   |   |   |
+| L_cam_src, L_cam_mix         | x |   | x |   |   |   |   |   |
+| L_pc_src / mix / tgt         | x |   |   | x |   |   |   |   |
+| L_psc (segmentor frozen)     |   |   |   |   | x | x |   |   |
+| L_D                          |   |   |   |   |   |   | x |   |
+| L_G (GAN + PatchNCE)         |   |   |   |   |   | x |   | x |
+| L_seg_mix (pixel weights)    | x | x |   |   |   |   |   |   |
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import METHODS, Config
+from .contrast import frozen, make_adapter, pixel_prototype_contrast, semantic_consistency
+from .deeplab import DeepLabV2
+from .labels import IGNORE_INDEX, THING_CLASSES
+from .prototypes import CAMHead, ProjectionHead, PrototypeMemory, cam_loss
+from .selftrain import (
+    class_mix_masks,
+    ema_update,
+    feature_distance,
+    mix,
+    pseudo_label,
+    strong_augment,
+)
+from .stylize import StyleTransfer
+
+
+@dataclass(frozen=True)
+class Parts:
+    """Which parts of CONFETI a method switches on."""
+
+    style: bool = False  # pixel-level alignment: train on G(x_s)
+    contrast: bool = False  # feature-level alignment: CAM head + prototypes + contrast
+    selftrain: bool = False  # EMA teacher + pseudo-labels + ClassMix
+    oracle: bool = False  # train on labelled target (upper bound)
+
+
+def parts_of(method: str) -> Parts:
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    return Parts(
+        style="style" in method or method == "confeti",
+        contrast="contrast" in method or method == "confeti",
+        selftrain="selftrain" in method or method == "confeti",
+        oracle=method == "oracle",
+    )
+
+
+class Segmentor(nn.Module):
+    """DeepLabV2 plus the two auxiliary heads on its stage-4 features.
+
+    Shape: x (B, 3, H, W) -> logits (B, C, H/8, W/8), feats (B, F, H/8, W/8).
+    ``cam`` (C maps) and ``proj`` (D-dim embeddings) read ``feats``.
+    """
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.seg = DeepLabV2(
+            num_classes=cfg.num_classes,
+            backbone=cfg.backbone,
+            aspp_dilations=cfg.aspp_dilations,
+            pretrained=cfg.pretrained,
+            width=cfg.backbone_width,
+        )
+        self.cam = CAMHead(self.seg.feat_channels, cfg.num_classes)
+        self.proj = ProjectionHead(self.seg.feat_channels, cfg.proto_dim)
+
+    def forward(self, x):
+        return self.seg(x)
+
+
+class TrainState(nn.Module):
+    """Everything one run trains or tracks; its ``state_dict`` is the model part of a checkpoint."""
+
+    def __init__(self, cfg: Config, method: str, device: torch.device):
+        super().__init__()
+        self.cfg, self.method, self.parts = cfg, method, parts_of(method)
+        p = self.parts
+        self.student = Segmentor(cfg)
+        self.teacher = copy.deepcopy(self.student) if (p.selftrain or p.contrast) else None
+        if self.teacher is not None:
+            self.teacher.requires_grad_(False)
+        self.protos = PrototypeMemory(
+            cfg.num_classes, cfg.proto_dim, momentum=cfg.proto_momentum, top_k=cfg.proto_top_k
+        )
+        self.adapter = make_adapter(cfg.proto_dim) if p.style else None  # the official reg_proj
+        self.style = (
+            StyleTransfer(
+                ngf=cfg.ngf,
+                n_blocks=cfg.n_blocks,
+                ndf=cfg.ndf,
+                d_layers=cfg.d_layers,
+                nce_layers=cfg.nce_layers,
+                num_patches=cfg.num_patches,
+                nce_tau=cfg.nce_tau,
+                lambda_gan=cfg.lambda_gan,
+                lambda_nce=cfg.lambda_nce,
+                lr=cfg.cut_lr,
+            )
+            if p.style
+            else None
+        )
+        self.train_style = p.style and cfg.style_joint  # G keeps learning (stage 1 / single stage)
+        # frozen ImageNet-initialised copy for the feature distance; kept out of the state_dict
+        self._imnet: list[nn.Module] = []
+        if cfg.fd_weight > 0 and cfg.pretrained is not None:
+            self._imnet.append(copy.deepcopy(self.student).eval().requires_grad_(False).to(device))
+        self.to(device)
+        self.optimizer = make_optimizer(self, cfg)
+
+    @property
+    def imnet(self) -> nn.Module | None:
+        return self._imnet[0] if self._imnet else None
+
+    @property
+    def uses_protos(self) -> bool:
+        return self.parts.contrast or self.train_style
+
+
+def make_optimizer(state: TrainState, cfg: Config) -> torch.optim.Optimizer:
+    """AdamW: backbone at lr, every head (seg head, CAM, proj, adapter) at lr x head_lr_mult."""
+    s = state.student
+    heads = [*s.seg.head.parameters(), *s.cam.parameters(), *s.proj.parameters()]
+    if state.adapter is not None:
+        heads += list(state.adapter.parameters())
+    groups = [
+        {"params": list(s.seg.backbone.parameters()), "lr_mult": 1.0},
+        {"params": heads, "lr_mult": cfg.head_lr_mult},
+    ]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
+    set_lr(opt, cfg, 0)
+    return opt
+
+
+def lr_at(cfg: Config, t: int) -> float:
+    """Poly decay with linear warm-up (mmcv 'poly', warmup_ratio 1e-6), as the official schedule.
+
+    lr_t = lr (1 - t/T)^p,  times (1 - (1 - t/T_w)(1 - 1e-6)) while t < T_w.
+    """
+    lr = cfg.lr * (1 - min(t, cfg.iters) / cfg.iters) ** cfg.poly_power
+    if t < cfg.warmup_iters:
+        lr *= 1 - (1 - t / cfg.warmup_iters) * (1 - 1e-6)
+    return lr
+
+
+def set_lr(opt: torch.optim.Optimizer, cfg: Config, t: int) -> None:
+    for g in opt.param_groups:
+        g["lr"] = lr_at(cfg, t) * g["lr_mult"]
+
+
+def seg_ce(logits, labels, weights=None):
+    """Cross-entropy at label resolution; ignore pixels excluded from the mean.
+
+    With ``weights`` (B, H, W): mean of w * CE over all pixels (DACS's pixel-weighted loss).
+    Shape: logits (B, C, h, w), labels (B, H, W).
+    """
+    logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+    if weights is None:
+        return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
+    ce = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="none")
+    return (ce * weights).mean()
+
+
+def _contrast(state: TrainState, feats, labels, scale: float = 1.0) -> dict[str, torch.Tensor]:
+    cfg = state.cfg
+    out = pixel_prototype_contrast(
+        state.student.proj(feats),
+        labels,
+        state.protos.get(),
+        tau=cfg.tau,
+        num_samples=cfg.contrast_samples,
+        weight=cfg.contrast_weight,
+        reg_weight=cfg.reg_weight,
+    )
+    return {k: v * scale for k, v in out.items()}
+
+
+def train_step(state: TrainState, batch: dict, t: int, amp=None) -> dict[str, float]:
+    """One iteration t of the chosen method. ``batch``: x_s, y_s, x_t (and y_t for the oracle).
+
+    Order (spec §3): EMA -> stylize -> pseudo-labels -> ClassMix -> prototype update ->
+    source branch (+ consistency) -> feature distance -> CUT step -> mixed branch -> target
+    contrast -> optimizer step.
+    """
+    cfg, p = state.cfg, state.parts
+    autocast = amp if amp is not None else torch.autocast("cpu", enabled=False)
+    x_s, y_s, x_t = batch["x_s"], batch["y_s"], batch["x_t"]
+    if p.oracle:  # the upper bound trains on the labelled target with the same loop
+        x_s, y_s = batch["x_t"], batch["y_t"]
+    logs: dict[str, torch.Tensor] = {}
+    state.optimizer.zero_grad(set_to_none=True)
+    protos_ready = state.uses_protos and bool(state.protos.counts.sum() > 0)
+
+    # 1. EMA teacher: phi <- alpha_t phi + (1 - alpha_t) theta
+    if state.teacher is not None:
+        ema_update(state.teacher, state.student, t, cfg.ema_alpha)
+
+    # 2. stylize the source: x_s2t = G(x_s), graph to G kept only while G trains
+    if p.style:
+        if state.train_style:
+            with autocast:
+                x_s2t = state.style.translate(x_s)
+        else:
+            with torch.no_grad(), autocast:
+                x_s2t = state.style.translate(x_s)
+    else:
+        x_s2t = x_s
+    x_src = x_s2t.detach().float()  # segmentation never reaches G
+
+    _mark(state, "stylize")
+
+    # 3. pseudo-labels of the teacher on the target: y_t_hat, weights = q (quality)
+    if state.teacher is not None:
+        with torch.no_grad(), autocast:
+            t_logits, _ = state.teacher(x_t)
+        t_logits = F.interpolate(t_logits.float(), size=x_t.shape[-2:], mode="bilinear")
+        y_t_hat, w_t, q = pseudo_label(
+            t_logits, cfg.pseudo_threshold, cfg.pseudo_ignore_top, cfg.pseudo_ignore_bottom
+        )
+        logs["pseudo_q"] = torch.tensor(q)
+
+    _mark(state, "pseudo_labels")
+
+    # 4. ClassMix of the (stylized, detached) source onto the target + strong augmentation
+    if p.selftrain:
+        m = class_mix_masks(y_s)  # (B, H, W) 1 = pasted source pixel
+        x_m = strong_augment(
+            mix(x_src, x_t, m),
+            jitter_p=cfg.color_jitter_p,
+            strength=cfg.color_jitter_strength,
+            blur_p=cfg.blur_p,
+        )
+        y_m = mix(y_s, y_t_hat, m)
+        w_m = mix(torch.ones_like(w_t), w_t, m)
+
+    _mark(state, "class_mix")
+
+    # 5. prototypes from teacher features (no grad); warm-up: pasted source GT, uniform weights
+    if state.uses_protos:
+        warm = t <= cfg.proto_warmup_iters
+        teacher = state.teacher if state.teacher is not None else state.student
+        with torch.no_grad(), autocast:
+            if p.selftrain:
+                _, f_m = teacher(x_m)
+                cam = None if warm else F.relu(teacher.cam(f_m)).float()
+                state.protos.update(
+                    teacher.proj(f_m).float(), y_m, weights=cam, mask=(m > 0) if warm else None
+                )
+            else:  # no mix: source GT, plus target pseudo-labels after the warm-up
+                _, f_s = teacher(x_src)
+                state.protos.update(teacher.proj(f_s).float(), y_s)
+                if p.contrast and not warm:
+                    _, f_t = teacher(x_t)
+                    conf = y_t_hat.masked_fill(w_t == 0, IGNORE_INDEX)
+                    state.protos.update(teacher.proj(f_t).float(), conf)
+
+    _mark(state, "prototype_update")
+
+    # 6. source branch on x_s2t (detached): CE + CAM (+ contrast after the gate)
+    with autocast:
+        logits_s, f_src = state.student(x_src)
+        loss_src = logs["seg_src"] = seg_ce(logits_s.float(), y_s)
+        if p.contrast:
+            logs["cam_src"] = cfg.cam_weight * cam_loss(
+                state.student.cam(f_src).float(), y_s, cfg.num_classes
+            )
+            loss_src = loss_src + logs["cam_src"]
+            if t > cfg.contrast_start and protos_ready:
+                pc = _contrast(state, f_src.float(), y_s)
+                logs["pc_src"], logs["reg_src"] = pc["ce"], pc["reg"]
+                loss_src = loss_src + pc["ce"] + pc["reg"]
+    _backward(state, loss_src, logs, retain_graph=cfg.fd_weight > 0)
+
+    _mark(state, "student_source")
+
+    # prototypical semantic consistency: the segmentor judges G; its weights stay frozen
+    psc = None
+    if state.train_style and protos_ready and cfg.psc_weight > 0:
+        s = state.student
+        judge = state.teacher if (cfg.psc_judge == "teacher" and state.teacher) else s
+        with autocast, frozen(s.seg, s.proj):
+            with torch.no_grad():
+                emb_src = judge.proj(judge(x_s)[1])
+            emb_s2t = s.proj(s(x_s2t)[1])
+            psc = semantic_consistency(
+                emb_src.float(),
+                emb_s2t.float(),
+                state.protos.get(),
+                state.adapter,
+                judge=cfg.psc_judge,
+                tau=cfg.tau,
+                weight=cfg.psc_weight,
+            )
+        logs["psc"] = psc
+
+    _mark(state, "semantic_consistency")
+
+    # 7. ImageNet feature distance on thing classes (needs a pretrained backbone)
+    if cfg.fd_weight > 0 and state.imnet is not None:
+        with torch.no_grad(), autocast:
+            _, f_in = state.imnet(x_s)
+        logs["fd"] = cfg.fd_weight * feature_distance(
+            f_src.float(), f_in.float(), y_s, THING_CLASSES, cfg.fd_ratio, cfg.num_classes
+        )
+        _backward(state, logs["fd"], logs)
+
+    _mark(state, "feature_distance")
+
+    # 8. CUT step: D on (x_s2t, x_t), then G + F with GAN + PatchNCE (+ consistency)
+    if state.train_style:
+        with autocast:
+            scaler = getattr(state, "scaler", None)
+            logs.update(_tensors(state.style.d_step(x_s2t, x_t, scaler=scaler)))
+            logs.update(
+                _tensors(state.style.g_step(x_s, x_t, x_s2t, extra_loss=psc, scaler=scaler))
+            )
+
+    _mark(state, "cut_steps")
+
+    # 9. mixed branch: pixel-weighted CE (+ CAM, contrast after their gates)
+    if p.selftrain:
+        with autocast:
+            logits_m, f_mix = state.student(x_m)
+            loss_mix = logs["seg_mix"] = seg_ce(logits_m.float(), y_m, w_m)
+            if p.contrast and t > cfg.cam_mix_start:
+                logs["cam_mix"] = cfg.cam_weight * cam_loss(
+                    state.student.cam(f_mix).float(), y_m, cfg.num_classes
+                )
+                loss_mix = loss_mix + logs["cam_mix"]
+            if p.contrast and t >= cfg.contrast_start and protos_ready:
+                pc = _contrast(state, f_mix.float(), y_m)
+                logs["pc_mix"], logs["reg_mix"] = pc["ce"], pc["reg"]
+                loss_mix = loss_mix + pc["ce"] + pc["reg"]
+        _backward(state, loss_mix, logs)
+
+    _mark(state, "student_mixed")
+
+    # 10. target contrast with pseudo-labels, scaled by their quality q (stage 1 / contrast)
+    tgt_contrast = p.contrast and (state.train_style or not p.selftrain)
+    if tgt_contrast and t > cfg.contrast_start and protos_ready:
+        with autocast:
+            _, f_tgt = state.student(x_t)
+            pc = _contrast(state, f_tgt.float(), y_t_hat, scale=q)
+        logs["pc_tgt"], logs["reg_tgt"] = pc["ce"], pc["reg"]
+        _backward(state, pc["ce"] + pc["reg"], logs)
+
+    _mark(state, "target_contrast")
+
+    # 11. one optimizer step for everything the losses above reached; then the LR schedule
+    _step(state)
+    set_lr(state.optimizer, cfg, t + 1)
+    _mark(state, "optimizer")
+    return {k: float(v.detach()) for k, v in logs.items()}
+
+
+def _mark(state: TrainState, phase: str) -> None:
+    """Benchmark hook: ``state.clock(phase)`` closes the timing of ``phase`` (no-op if unset)."""
+    clock = getattr(state, "clock", None)
+    if clock is not None:
+        clock(phase)
+
+
+def _tensors(d: dict) -> dict[str, torch.Tensor]:
+    return {k: torch.as_tensor(v) for k, v in d.items()}
+
+
+def _backward(state: TrainState, loss: torch.Tensor, logs: dict, retain_graph=False) -> None:
+    """Backward of one branch; a NaN/Inf stops before any weight changes, naming the loss."""
+    for name, value in logs.items():
+        if isinstance(value, torch.Tensor) and not torch.isfinite(value).all():
+            raise FloatingPointError(f"loss {name!r} is {float(value)} (not finite)")
+    scaler = getattr(state, "scaler", None)
+    (scaler.scale(loss) if scaler is not None else loss).backward(retain_graph=retain_graph)
+
+
+def _step(state: TrainState) -> None:
+    sync = getattr(state, "sync_grads", None)
+    if sync is not None:
+        sync(state.student)
+        if state.adapter is not None:
+            sync(state.adapter)
+    scaler = getattr(state, "scaler", None)
+    if scaler is not None:
+        scaler.step(state.optimizer)
+        scaler.update()
+    else:
+        state.optimizer.step()
+
+
+def check_finite(logs: dict[str, float], t: int) -> None:
+    """Stop with a message that names the loss and the iteration (the checkpoint stays good)."""
+    bad = [k for k, v in logs.items() if not math.isfinite(v)]
+    if bad:
+        raise FloatingPointError(f"loss {bad[0]!r} is {logs[bad[0]]} at iteration {t}")

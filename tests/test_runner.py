@@ -1,0 +1,118 @@
+"""End to end on a tiny ToyStreets: files, resume bit-for-bit, determinism, refusals."""
+
+import json
+
+import pytest
+import torch
+
+from confeti.__main__ import build_config, main
+from confeti.runner import RunError, train
+from confeti.toystreets import write_toystreets
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toy")
+    write_toystreets(
+        root,
+        n_source=12,
+        n_target_train=12,
+        n_target_val=4,
+        height=64,
+        width=128,
+        seed=0,
+        progress=False,
+    )
+    return root
+
+
+def _cfg(iters=6, **kw):
+    return build_config("smoke", iters=iters, overrides=[f"{k}={v}" for k, v in kw.items()])
+
+
+def _weights(run):
+    return torch.load(run / "checkpoint.pt", weights_only=True)["model"]
+
+
+def test_train_writes_the_contract_files(toy, tmp_path):
+    res = train(_cfg(), "source_only", toy, tmp_path / "run", progress=False)
+    for name in ("config.json", "metrics.jsonl", "checkpoint.pt", "eval.json", "summary.json"):
+        assert (tmp_path / "run" / name).exists(), name
+    ev = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert set(ev) >= {"miou", "iou", "num_classes", "split", "images"} and ev == res
+    assert ev["num_classes"] == 19 and ev["split"] == "val" and ev["images"] == 4
+
+
+def test_resume_is_bit_for_bit(toy, tmp_path):
+    cfg = _cfg(iters=6, ckpt_every=3, log_every=1)
+    train(cfg, "confeti", toy, tmp_path / "straight", progress=False)
+    half = build_config("smoke", iters=6, overrides=["ckpt_every=3", "log_every=1"])
+    # stop after 3 iterations by training a copy whose loop ends there, then resume
+    import dataclasses
+
+    from confeti import runner
+
+    orig = runner.phases
+    runner.phases = lambda c, m: [(n, a, min(b, a + 3)) for n, a, b in orig(c, m)][:1]
+    try:
+        train(half, "confeti", toy, tmp_path / "split", progress=False)
+    finally:
+        runner.phases = orig
+    train(
+        dataclasses.replace(half), "confeti", toy, tmp_path / "split", resume=True, progress=False
+    )
+    a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "split")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    la = (tmp_path / "straight" / "metrics.jsonl").read_text()
+    lb = (tmp_path / "split" / "metrics.jsonl").read_text()
+    assert la == lb
+
+
+def test_same_seed_same_run_other_seed_differs(toy, tmp_path):
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        train(_cfg(seed=seed), "selftrain", toy, tmp_path / name, progress=False)
+    m = {n: (tmp_path / n / "metrics.jsonl").read_text() for n in "abc"}
+    assert m["a"] == m["b"] and m["a"] != m["c"]
+
+
+def test_occupied_out_is_refused(toy, tmp_path):
+    train(_cfg(iters=2), "source_only", toy, tmp_path / "r", progress=False)
+    with pytest.raises(RunError, match="--resume"):
+        train(_cfg(iters=2), "source_only", toy, tmp_path / "r", progress=False)
+    train(_cfg(iters=2), "source_only", toy, tmp_path / "r", overwrite=True, progress=False)
+
+
+def test_cli_train_and_eval(toy, tmp_path, capsys):
+    run = tmp_path / "cli"
+    main(
+        [
+            "train",
+            "--preset",
+            "smoke",
+            "--method",
+            "source_only",
+            "--data",
+            str(toy),
+            "--out",
+            str(run),
+            "--iters",
+            "2",
+        ]
+    )
+    main(["eval", "--ckpt", str(run / "checkpoint.pt"), "--data", str(toy)])
+    assert "road" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="choose one of"):
+        main(
+            [
+                "train",
+                "--preset",
+                "smoke",
+                "--method",
+                "magic",
+                "--data",
+                str(toy),
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )
