@@ -195,8 +195,13 @@ def _contrast(state: TrainState, feats, labels, scale: float = 1.0) -> dict[str,
     return {k: v * scale for k, v in out.items()}
 
 
-def train_step(state: TrainState, batch: dict, t: int, amp=None) -> dict[str, float]:
+def train_step(
+    state: TrainState, batch: dict, t: int, amp=None, debug: dict | None = None
+) -> dict[str, float]:
     """One iteration t of the chosen method. ``batch``: x_s, y_s, x_t (and y_t for the oracle).
+
+    Pass a dict as ``debug`` to receive this iteration's intermediate images (x_s2t, pseudo-label,
+    ClassMix mask, mixed image/label/weights) -- the official debug figure, rebuilt.
 
     Order (spec §3): EMA -> stylize -> pseudo-labels -> ClassMix -> prototype update ->
     source branch (+ consistency) -> feature distance -> CUT step -> mixed branch -> target
@@ -254,6 +259,12 @@ def train_step(state: TrainState, batch: dict, t: int, amp=None) -> dict[str, fl
         w_m = mix(torch.ones_like(w_t), w_t, m)
 
     _mark(state, "class_mix")
+    if debug is not None:
+        debug.update(x_s=x_s, x_s2t=x_src, x_t=x_t, y_s=y_s)
+        if state.teacher is not None:
+            debug.update(y_t_hat=y_t_hat, w_t=w_t)
+        if p.selftrain:
+            debug.update(mask=m, x_m=x_m, y_m=y_m, w_m=w_m)
 
     # 5. prototypes from teacher features (no grad); warm-up: pasted source GT, uniform weights
     if state.uses_protos:
