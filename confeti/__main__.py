@@ -112,14 +112,22 @@ def _cmd_train(a) -> None:
 
 
 def _cmd_eval(a) -> None:
-    from .datasets import CityscapesDataset
+    from .datasets import CityscapesDataset, GTA5Dataset
     from .metrics import format_table
     from .runner import evaluate_model, load_for_eval
 
     state, cfg = load_for_eval(a.ckpt, a.device)
-    ds = CityscapesDataset(Path(a.data) / "cityscapes", split=a.split, resize=None, crop_size=None)
-    res = evaluate_model(state.student, ds, cfg, next(state.parameters()).device)
-    res["split"] = a.split
+    if a.domain == "source":  # e.g. a held-out game set: python -m confeti data toy --seed 1
+        ds = GTA5Dataset(Path(a.data) / "gta5", resize=None, crop_size=None)
+        cfg = dataclasses.replace(cfg, target_resize=cfg.source_resize)
+    else:
+        ds = CityscapesDataset(
+            Path(a.data) / "cityscapes", split=a.split, resize=None, crop_size=None
+        )
+    res = evaluate_model(
+        state.student, ds, cfg, next(state.parameters()).device, max_images=a.max_images
+    )
+    res["split"] = a.split if a.domain == "target" else "source"
     out = Path(a.out) if a.out else Path(a.ckpt).parent / "eval.json"
     out.write_text(json.dumps(res, indent=2))
     print(format_table(res))
@@ -186,6 +194,13 @@ def main(argv=None) -> None:
     p.add_argument("--ckpt", required=True)
     p.add_argument("--data", required=True)
     p.add_argument("--split", default="val")
+    p.add_argument(
+        "--domain",
+        default="target",
+        choices=("target", "source"),
+        help="target: cityscapes/<split>; source: every image of gta5/",
+    )
+    p.add_argument("--max-images", type=int, default=None)
     p.add_argument("--out", default=None)
     p.add_argument("--device", default=None)
     p.set_defaults(fn=_cmd_eval)

@@ -37,7 +37,15 @@ def pixel_prototype_contrast(
     reg_weight: float = 2.0,
     generator: torch.Generator | None = None,
 ) -> dict[str, torch.Tensor]:
-    """``{"ce": L_CE, "reg": L_reg}`` with their weights applied (see the module docstring)."""
+    """``{"ce": L_CE, "reg": L_reg}`` with their weights applied (see the module docstring).
+
+    emb: un-normalised pixel embeddings v (the projection head's output); labels: train ids,
+    255 = ignore, resized to (h, w) nearest; protos: P, detached here (never receives gradient).
+    The CE uses a random subset S of min(num_samples, N) valid pixels (``torch.randperm`` with
+    ``generator``, without replacement); the regulariser uses all N valid pixels, as the official
+    code. No valid pixel: both terms are ``emb.sum() * 0`` (zero, still in the graph).
+    Shape: emb (B, D, h, w), labels (B, H, W), protos (C, D) -> {"ce": (), "reg": ()}.
+    """
     b, d, h, w = emb.shape
     c = protos.shape[0]
     protos = protos.detach().to(emb.dtype)  # prototypes never receive gradient
@@ -48,11 +56,14 @@ def pixel_prototype_contrast(
         zero = emb.sum() * 0
         return {"ce": zero, "reg": zero}
     v, lab = v[valid], lab[valid]
-    pick = torch.randperm(len(v), generator=generator, device="cpu")[:num_samples].to(v.device)
-    logits = v[pick] @ protos.t() / tau  # (S, C)
-    ce = weight * F.cross_entropy(logits, lab[pick])
-    # Sign note: sum_k log pi_k is largest (= -C ln C) at the uniform pi, so *minimising* L_reg
-    # pushes the batch-mean embedding away from uniform similarity; L_reg <= -reg_weight.
+    gen_device = generator.device if generator is not None else "cpu"
+    pick = torch.randperm(len(v), generator=generator, device=gen_device)[:num_samples]
+    pick = pick.to(v.device)  # S: min(num_samples, N) pixels without replacement
+    logits = v[pick] @ protos.t() / tau  # (S, C) = v~_n . P_k / tau
+    ce = weight * F.cross_entropy(logits, lab[pick])  # mean_n -log softmax_k(...)[y_n]
+    # Sign note (exactly SePiCo's / the official code's sign): sum_k log pi_k is largest
+    # (= -C ln C) at the uniform pi, so *minimising* L_reg pushes the batch-mean embedding away
+    # from uniform similarity to the prototypes; its value is <= -reg_weight (= at uniform).
     v_bar = v.mean(0)  # over all valid pixels, not renormalised
     log_pi = F.log_softmax(v_bar @ protos.t() / tau, dim=0)  # (C,)
     reg = reg_weight * log_pi.sum() / (c * math.log(c))
@@ -60,7 +71,10 @@ def pixel_prototype_contrast(
 
 
 def make_adapter(dim: int) -> nn.Module:
-    """The learnable 1x1 adapter r (the official ``reg_proj``): D -> D, with bias."""
+    """The learnable 1x1 adapter r (the official ``reg_proj``): D -> D, with bias.
+
+    Shape: (B, D, h, w) -> (B, D, h, w).
+    """
     return nn.Conv2d(dim, dim, 1, bias=True)
 
 
@@ -75,9 +89,14 @@ def semantic_consistency(
 ) -> torch.Tensor:
     """L_psc: the stylized source's similarity maps must match the raw source's.
 
-    judge="student" (paper code): raw projections, no temperature;
-    judge="teacher" (follow-up code): EMA-teacher features, both sides L2-normalised, / tau.
-    ``emb_src`` is detached here; gradient flows through ``emb_s2t`` (to G) and the adapter.
+    judge="student" (paper code): S_src = sg[emb_src] P^T, S_s2t = r(emb_s2t) P^T on the raw
+    (un-normalised) projections, no temperature; L = weight * mean_{b,c,h,w} (S_s2t - S_src)^2.
+    judge="teacher" (follow-up code, CONFETII): ``emb_src`` comes from the EMA teacher (the caller
+    passes it); r(emb_s2t) and emb_src are L2-normalised per pixel (after the adapter) and the
+    similarities divided by tau, which bounds the scale of the MSE.
+    ``emb_src`` is detached here; gradient flows through ``emb_s2t`` (to G, when the caller runs
+    the segmentor under ``frozen``) and into the adapter r.
+    Shape: emb_src, emb_s2t (B, D, h, w), protos (C, D) -> scalar.
     """
     protos = protos.detach()
     src, s2t = emb_src.detach(), adapter(emb_s2t)
@@ -97,7 +116,8 @@ def semantic_consistency(
 def frozen(*modules: nn.Module):
     """Turn ``requires_grad`` off for the modules' parameters, restoring the exact flags after.
 
-    Gradient still flows *through* the modules to their inputs (here: to G via x_s2t).
+    Gradient still flows *through* the modules to their inputs (here: to G via x_s2t), but
+    none accumulates in their weights. Flags are restored exactly, even after an exception.
     """
     params = [p for m in modules if m is not None for p in m.parameters()]
     flags = [p.requires_grad for p in params]

@@ -23,8 +23,8 @@ from .labels import CLASSES, IGNORE_INDEX, SYNTHIA13, SYNTHIA16
 def confusion_matrix(pred, target, num_classes: int, ignore_index: int = IGNORE_INDEX):
     """Counts of (ground truth k, prediction j) over pixels whose target is a valid class.
 
-    Predictions outside [0, C) are counted as misses of their ground-truth class (they add to
-    FN but to no class's FP).
+    Predictions must be class indices in [0, C) (an argmax over C logits always is); anything
+    else raises ValueError rather than being silently dropped.
     """
     pred = torch.as_tensor(pred).reshape(-1).long()
     target = torch.as_tensor(target).reshape(-1).long()
@@ -32,19 +32,19 @@ def confusion_matrix(pred, target, num_classes: int, ignore_index: int = IGNORE_
         raise ValueError(f"pred has {pred.numel()} pixels but target has {target.numel()}")
     valid = (target != ignore_index) & (target >= 0) & (target < num_classes)
     pred, target = pred[valid], target[valid]
-    out_of_range = (pred < 0) | (pred >= num_classes)
-    pred = torch.where(out_of_range, torch.full_like(pred, num_classes), pred)  # an extra column
-    conf = torch.bincount(
-        target * (num_classes + 1) + pred, minlength=num_classes * (num_classes + 1)
-    )
-    return conf.view(num_classes, num_classes + 1)[:, :num_classes].cpu()  # drop the extra column
+    if len(pred) and (pred.min() < 0 or pred.max() >= num_classes):
+        raise ValueError(
+            f"predictions must lie in [0, {num_classes}), got {pred.min()}..{pred.max()}"
+        )
+    conf = torch.bincount(target * num_classes + pred, minlength=num_classes**2)
+    return conf.view(num_classes, num_classes).cpu()
 
 
 def iou(confusion: torch.Tensor) -> torch.Tensor:
     """Per-class IoU in [0, 1]; NaN where a class has neither ground truth nor prediction."""
     conf = confusion.double()
     tp = conf.diag()
-    gt = conf.sum(1)  # TP + FN (+ misses into out-of-range predictions, dropped above)
+    gt = conf.sum(1)  # TP + FN
     fp = conf.sum(0) - tp
     union = gt + fp
     return torch.where(

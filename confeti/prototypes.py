@@ -10,12 +10,22 @@ of each class count (spec §4):
 
     mu_k = sum_{i in top-k(w)} w_i v_i / sum w_i,    P_k <- m_k P_k + (1 - m_k) mu_k / ||mu_k||
 
-Deviations (README): prototypes are computed at feature resolution with labels resized
-(nearest) instead of upsampling 512-d features to the crop; the momentum ramp
-m_k = min(1 - 1/(n_k + 1), m) works (the official ramp caps at 0.001 and is a no-op); the update
-counters are saved in checkpoints.
+Deviations from the official code (README "Deviations"):
 
-Shape: emb (B, D, h, w), labels (B, H, W), weights (B, C, h, w) -> protos (C, D).
+- Resolution: centroids are taken at feature resolution (h, w) with the labels, mask and weights
+  resized to it (nearest), instead of upsampling the 512-d features and the CAM to the full crop
+  (``ori_size=True``, ~1 GB for two 512x512 crops). Same pixels in spirit, 64x cheaper.
+- Momentum ramp: m_k = min(1 - 1/(n_k + 1), momentum) with n_k = number of earlier updates of
+  class k, so m_k = 0, 1/2, 2/3, ... until it reaches ``momentum`` (a running mean at first).
+  The official step size min(1 - 1/(n + 1), 0.001) is already 0.001 from the second update on,
+  i.e. the official ramp is a no-op (``ramp=False`` reproduces it: replace, then constant m).
+- ``counts`` is a buffer, so it is saved in checkpoints (the official counter is not, and a
+  resumed run treats its next update as a first observation that replaces the prototype).
+- Distributed: the per-class sums sum_i w_i v_i and sum_i w_i are all-reduced before the EMA, so
+  every rank holds identical prototypes; the top-k selection is per rank (k pixels per class per
+  rank enter the sum).
+
+Shape: emb (B, D, h, w), labels (B, H, W), weights (B, C, h, w), mask (B, H, W) -> protos (C, D).
 """
 
 from __future__ import annotations
@@ -58,14 +68,28 @@ def class_presence(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     return onehot[:, :num_classes].float()
 
 
-def cam_loss(cam_logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Multi-label BCE of the globally pooled CAM: BCE(GAP(cam), z), mean over B x C."""
+def cam_loss(
+    cam_logits: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """Multi-label BCE of the globally pooled CAM: BCE-with-logits(GAP(cam), z), mean over B x C.
+
+    z_{b,k} = 1 iff class k appears in image b's labels (``ignore_index`` never counts).
+    Shape: cam_logits (B, C, h, w), labels (B, H, W) at any resolution -> scalar.
+    """
+    labels = labels.masked_fill(labels == ignore_index, -1)  # -1: out of range, dropped below
     pooled = cam_logits.float().mean(dim=(2, 3))  # (B, C) global average pooling
     return F.binary_cross_entropy_with_logits(pooled, class_presence(labels, num_classes))
 
 
 class PrototypeMemory(nn.Module):
-    """C x D prototypes, rows unit-norm (zero while a class is unseen), EMA-updated."""
+    """C x D prototypes, rows unit-norm (zero while a class is unseen), EMA-updated.
+
+    Buffers: ``protos`` (C, D) float, zeros at start; ``counts`` (C,) long, updates per class.
+    Shape: update(emb (B, D, h, w), labels (B, H, W), weights (B, C, h, w), mask (B, H, W)).
+    """
 
     def __init__(
         self,
@@ -88,7 +112,9 @@ class PrototypeMemory(nn.Module):
     def class_sums(self, emb, labels, weights=None, mask=None):
         """Per class, the weighted sum of its top-k pixels and the sum of their weights.
 
-        Shape: -> sums (C, D), totals (C,).
+        Ignore (255) and masked-out (mask False) pixels are dropped; w_i = weights[k] at the
+        pixels of class k (1 if ``weights`` is None); ties in w keep the first pixels in order.
+        Shape: -> sums (C, D) = sum_i w_i v_i, totals (C,) = sum_i w_i, pixels (C,) long.
         """
         b, d, h, w = emb.shape
         lab = resize_labels(labels, (h, w)).reshape(-1)  # (B*h*w,)
@@ -103,6 +129,7 @@ class PrototypeMemory(nn.Module):
         )
         sums = emb.new_zeros(self.num_classes, d, dtype=torch.float32)
         totals = emb.new_zeros(self.num_classes, dtype=torch.float32)
+        pixels = torch.zeros(self.num_classes, dtype=torch.long)
         for k in torch.unique(lab).tolist():
             if k == IGNORE_INDEX or not 0 <= k < self.num_classes:
                 continue
@@ -112,31 +139,41 @@ class PrototypeMemory(nn.Module):
                 order = torch.sort(wk, descending=True, stable=True).indices[: self.top_k]
                 idx, wk = idx[order], wk[order]
             sums[k] = (wk[:, None] * v[idx]).sum(0)  # sum_i w_i v_i
-            totals[k] = wk.sum()
-        return sums, totals
+            totals[k] = wk.sum()  # sum_i w_i
+            pixels[k] = len(idx)
+        return sums, totals, pixels
 
     @torch.no_grad()
-    def update(self, emb, labels, weights=None, mask=None) -> list[int]:
-        """One EMA update from a batch; returns the classes that were updated."""
-        sums, totals = self.class_sums(emb, labels, weights, mask)
+    def update(self, emb, labels, weights=None, mask=None) -> dict[int, int]:
+        """One EMA update from a batch; returns {class: pixels used on this rank} of the updated.
+
+        emb: un-normalised embeddings (B, D, h, w); labels (B, H, W) train ids, 255 = ignore;
+        weights: None or non-negative (B, C, h, w) (e.g. ReLU of the teacher's CAM);
+        mask: None or bool (B, H, W), False pixels are dropped (warm-up: pasted source only).
+        A class whose weights sum to 0 is skipped (its count does not grow).
+        """
+        sums, totals, pixels = self.class_sums(emb, labels, weights, mask)
         if dist.is_available() and dist.is_initialized():  # every rank: the same prototypes
             dist.all_reduce(sums)
             dist.all_reduce(totals)
-        updated = []
+        updated = {}
         for k in torch.nonzero(totals > 0).squeeze(1).tolist():
-            mu = F.normalize(sums[k] / totals[k], dim=0)  # mu_k / ||mu_k||
+            mu = F.normalize(sums[k] / totals[k], dim=0)  # mu^_k = mu_k / ||mu_k||
             n = int(self.counts[k])
             if n == 0:
-                self.protos[k] = mu  # the first observation replaces
-            else:
+                self.protos[k] = mu  # the first observation replaces: P_k <- mu^_k
+            else:  # P_k <- m_k P_k + (1 - m_k) mu^_k,  m_k = min(1 - 1/(n_k + 1), momentum)
                 m = min(1 - 1 / (n + 1), self.momentum) if self.ramp else self.momentum
-                self.protos[k] = m * self.protos[k] + (1 - m) * mu
+                self.protos[k] = m * self.protos[k] + (1 - m) * mu.to(self.protos.dtype)
             self.counts[k] += 1
-            updated.append(k)
-        self.protos.copy_(F.normalize(self.protos, dim=1))  # zero rows stay zero
+            updated[k] = int(pixels[k])
+        self.protos.copy_(F.normalize(self.protos, dim=1))  # unit rows; zero rows stay zero
         return updated
 
 
 def similarity(emb: torch.Tensor, protos: torch.Tensor) -> torch.Tensor:
-    """Cosine similarity of every pixel to every prototype. Shape: (B, D, h, w) -> (B, C, h, w)."""
+    """Cosine similarity v~ . P_k of every pixel to every prototype (zero rows give 0).
+
+    Shape: emb (B, D, h, w), protos (C, D) -> (B, C, h, w).
+    """
     return torch.einsum("bdhw,cd->bchw", F.normalize(emb.float(), dim=1), protos.float())
