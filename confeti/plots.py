@@ -406,3 +406,105 @@ def plot_centroid_distance(before: list, after: list, names=("before", "after"))
         ax.legend()
         fig.tight_layout()
     return fig
+
+
+# ---- notebook 03: feature alignment (prototypes and pixel-to-prototype contrast) ----------
+def plot_contrast_toy_2d(
+    proto_angles=(90.0, 210.0, 330.0), classes=(0, 11, 13), tau: float = 0.1
+) -> Figure:
+    """The pixel-to-prototype contrast for 2-D unit embeddings v~ = (cos θ, sin θ), 3 prototypes.
+
+    Left: the prototypes P_k on the unit circle, the circle coloured by argmax_k v~ . P_k.
+    Middle: L_k(θ) = -log softmax_j(v~ . P_j / τ)[k] for each label k (the loss landscape).
+    Right: the soft assignment softmax_j(v~ . P_j / τ), stacked (τ sets how sharp it is).
+    """
+    theta = torch.linspace(0, 2 * np.pi, 721)
+    v = torch.stack([theta.cos(), theta.sin()], 1)  # (N, 2) unit embeddings
+    phi = torch.tensor(proto_angles, dtype=torch.float32) * np.pi / 180
+    protos = torch.stack([phi.cos(), phi.sin()], 1)  # (K, 2) unit prototypes
+    log_p = torch.log_softmax(v @ protos.t() / tau, dim=1)  # (N, K)
+    deg, cols = theta.numpy() * 180 / np.pi, [class_color(k) for k in classes]
+    names = [CLASSES[k] for k in classes]
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(
+            1, 3, figsize=(12, 3.4), gridspec_kw={"width_ratios": [1, 1.5, 1.5]}
+        )
+        ax = axes[0]
+        owner = log_p.argmax(1).numpy()
+        ax.scatter(v[:, 0], v[:, 1], c=[cols[o] for o in owner], s=4)
+        for k in range(len(classes)):
+            ax.annotate("", xy=protos[k].tolist(), xytext=(0, 0), arrowprops=dict(arrowstyle="->", color=cols[k], lw=2))  # fmt: skip
+            ax.text(*(1.25 * protos[k]).tolist(), names[k], ha="center", va="center", color=cols[k])
+        ax.set(xlim=(-1.6, 1.6), ylim=(-1.6, 1.6), aspect="equal", title="prototypes P_k, argmax")
+        ax.axis("off")
+        for k in range(len(classes)):
+            axes[1].plot(deg, -log_p[:, k].numpy(), color=cols[k], label=f"label = {names[k]}")
+            axes[2].fill_between(deg, log_p[:, :k].exp().sum(1).numpy(), log_p[:, : k + 1].exp().sum(1).numpy(), color=cols[k], alpha=0.8)  # fmt: skip
+        for ax in axes[1:]:
+            for a in proto_angles:
+                ax.axvline(a % 360, color="grey", ls=":", lw=0.8)
+            ax.set(xlim=(0, 360), xlabel="angle θ of the embedding (degrees)")
+        axes[1].axhline(np.log(len(classes)), color="black", ls="--", lw=0.8)
+        axes[1].text(2, np.log(len(classes)), " ln K (uniform)", va="bottom", fontsize=7)
+        axes[1].set(
+            ylabel="−log softmax(v·P/τ)[label]", title=f"contrast loss per label, τ = {tau:g}"
+        )
+        axes[1].legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3)
+        axes[2].set(ylim=(0, 1), ylabel="softmax(v·P/τ)", title="soft assignment to prototypes")
+        fig.tight_layout()
+    return fig
+
+
+def plot_prototype_similarity(sim_maps, image, classes=None) -> Figure:
+    """The image and, per class, the cosine similarity map v~ . P_k of its pixel embeddings.
+
+    sim_maps: (K, h, w) tensor/array (e.g. ``prototypes.similarity(emb, protos)[0, classes]``);
+    image: ImageNet-normalised (3, H, W) tensor or uint8 (H, W, 3); classes: K train ids (titles).
+    """
+    sims = np.asarray(sim_maps.detach().float().cpu() if isinstance(sim_maps, torch.Tensor) else sim_maps)  # fmt: skip
+    classes = list(range(len(sims))) if classes is None else list(classes)
+    img = _as_rgb(image)
+    extent = (0, img.shape[1], img.shape[0], 0)  # stretch the (h, w) map over the image
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(
+            1, len(sims) + 1, figsize=(2.6 * (len(sims) + 1), 1.9), squeeze=False
+        )
+        axes[0, 0].imshow(img)
+        axes[0, 0].set_title("image")
+        for i, (k, sim) in enumerate(zip(classes, sims), start=1):
+            axes[0, i].imshow(img, alpha=0.35)
+            im = axes[0, i].imshow(sim, cmap="RdBu_r", vmin=-1, vmax=1, extent=extent, alpha=0.85)
+            axes[0, i].set_title(f"cos(v, P[{CLASSES[k]}])")
+        for ax in axes[0]:
+            ax.axis("off")
+        fig.colorbar(im, ax=axes[0, 1:].tolist(), fraction=0.02, pad=0.01)
+    return fig
+
+
+def plot_prototype_alignment(history: dict[str, list]) -> Figure:
+    """Cosine between the source and target centroid of each class over training (1 = aligned).
+
+    history: {"iter": [t0, t1, ...], "<class name>": [cos at t0, ...], ...}; None/NaN where a
+    class was absent. Lines use the class colours; the thick black line is the class mean.
+    """
+    xs = history.get("iter", history.get("iteration"))
+    curves = {k: np.array([np.nan if c is None else c for c in v], dtype=float) for k, v in history.items() if k not in ("iter", "iteration")}  # fmt: skip
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(7, 3.2))
+        for name, ys in curves.items():
+            x = np.arange(len(ys)) if xs is None else np.asarray(xs)
+            color = class_color(CLASSES.index(name)) if name in CLASSES else None
+            ax.plot(x, ys, color=color, lw=1.2, label=name, marker="o" if len(ys) < 20 else None, ms=3)  # fmt: skip
+        if curves:
+            with np.errstate(all="ignore"):
+                mean = np.nanmean(np.stack(list(curves.values())), axis=0)
+            x = np.arange(len(mean)) if xs is None else np.asarray(xs)
+            ax.plot(x, mean, color="black", lw=2.5, label="mean")
+        ax.set(
+            xlabel="iteration",
+            ylabel="cos(c_source, c_target)",
+            title="per-class centroid alignment",
+        )
+        ax.legend(fontsize=6, ncol=2, loc="center left", bbox_to_anchor=(1.01, 0.5))
+        fig.tight_layout()
+    return fig

@@ -12,9 +12,9 @@ of each class count (spec §4):
 
 Deviations from the official code (README "Deviations"):
 
-- Resolution: centroids are taken at feature resolution (h, w) with the labels, mask and weights
-  resized to it (nearest), instead of upsampling the 512-d features and the CAM to the full crop
-  (``ori_size=True``, ~1 GB for two 512x512 crops). Same pixels in spirit, 64x cheaper.
+- Resolution: centroids are taken at feature resolution (h, w): labels and mask are resized to
+  it (nearest), the weights (CAM) are already at (h, w), instead of upsampling the 512-d features
+  and the CAM to the full crop (``ori_size=True``, ~1 GB for two 512x512 crops); 64x cheaper.
 - Momentum ramp: m_k = min(1 - 1/(n_k + 1), momentum) with n_k = number of earlier updates of
   class k, so m_k = 0, 1/2, 2/3, ... until it reaches ``momentum`` (a running mean at first).
   The official step size min(1 - 1/(n + 1), 0.001) is already 0.001 from the second update on,
