@@ -3,8 +3,9 @@
 Taught in notebooks/04_joint_training.ipynb (and used by every notebook that trains).
 
 - Backbones: torchvision ``resnet101`` (the paper), ``resnet50``, ``resnet34``, ``resnet18`` and a
-  narrow ``tiny`` ResNet for CPU presets. Stages 3 and 4 trade their stride for dilation 2 and 4,
-  so the stage-4 map is H/8 x W/8.
+  narrow ``tiny`` ResNet for CPU presets. Stages 3 and 4 trade their stride for dilation 2 and 4
+  (ResNet-18..101: the first 3x3 conv of a dilated stage at half that, as mmseg's
+  ``contract_dilation``), so the stage-4 map is H/8 x W/8 (ceil when H, W are not multiples of 8).
 - Deviation (README): torchvision's ResNet (7x7 stem) instead of mmseg's ResNetV1c (three 3x3 stem
   convolutions) used by the official code; ImageNet weights come from torchvision.
 - Classifier (spec §9): one 3x3 convolution per dilation (padding = dilation), outputs **summed**,
@@ -30,7 +31,12 @@ BACKBONES = (*TORCHVISION_RESNETS, "tiny")
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 conv-BN layers with a residual connection (the ``tiny`` backbone's block)."""
+    """Two 3x3 conv-BN layers with a residual connection (the ``tiny`` backbone's block).
+
+    out = ReLU(BN(conv2(ReLU(BN(conv1(x))))) + shortcut(x)), shortcut = 1x1 conv-BN when the shape
+    changes. Padding = dilation keeps the size of a 3x3 conv. Shape: (B, cin, H, W) -> (B, cout,
+    H/stride, W/stride).
+    """
 
     def __init__(self, cin: int, cout: int, stride: int = 1, dilation: int = 1):
         super().__init__()
@@ -53,7 +59,9 @@ class BasicBlock(nn.Module):
 class TinyResNet(nn.Module):
     """A narrow ResNet with the same shape as the real one: stem /4, stage 2 /8, stages 3-4 dilated.
 
-    Widths w, 2w, 4w, 8w; one block per stage. Shape: (B, 3, H, W) -> (B, 8w, H/8, W/8).
+    Stem: 3x3 conv stride 2 + BN + ReLU + 3x3 max-pool stride 2 (/4); stages of one BasicBlock
+    each with widths w, 2w, 4w, 8w: stage 2 stride 2 (/8), stages 3 and 4 dilation 2 and 4.
+    Shape: (B, 3, H, W) -> (B, 8w, H/8, W/8).
     """
 
     def __init__(self, width: int = 32):
@@ -73,9 +81,15 @@ class TinyResNet(nn.Module):
 
 
 def _dilate_basic_stage(stage: nn.Sequential, dilation: int) -> None:
-    """Turn a strided BasicBlock stage into a dilated one (torchvision only does Bottlenecks)."""
+    """Make a strided BasicBlock stage dilated, in place (torchvision does it only for Bottlenecks).
+
+    The stride-2 conv and shortcut get stride 1; the first block's first conv gets dilation d/2,
+    every other 3x3 conv d: the rule of torchvision's ``replace_stride_with_dilation`` for
+    Bottlenecks and of mmseg's ``contract_dilation`` (spec §9), so all four ResNets dilate alike.
+    Padding = dilation keeps each 3x3 conv size-preserving. Shape: unchanged (stays at H/8).
+    """
     for i, block in enumerate(stage):
-        d = dilation // 2 if i == 0 else dilation  # as mmseg's contract_dilation
+        d = dilation // 2 if i == 0 else dilation  # stage 3: 1 then 2; stage 4: 2 then 4
         block.conv1.stride = (1, 1)
         for conv, dil in ((block.conv1, d), (block.conv2, dilation)):
             conv.dilation, conv.padding = (dil, dil), (dil, dil)
@@ -84,7 +98,12 @@ def _dilate_basic_stage(stage: nn.Sequential, dilation: int) -> None:
 
 
 class ResNetBackbone(nn.Module):
-    """A torchvision ResNet without pooling/fc; layer3 and layer4 dilated (output stride 8)."""
+    """A torchvision ResNet without pooling/fc; layer3 and layer4 dilated (output stride 8).
+
+    Stem = conv1 (7x7 stride 2) + bn1 + ReLU + max-pool stride 2; ``out_channels`` 2048 for
+    Bottleneck ResNets (50/101), 512 for BasicBlock ones (18/34).
+    Shape: (B, 3, H, W) -> (B, out_channels, H/8, W/8).
+    """
 
     def __init__(self, name: str = "resnet101"):
         super().__init__()
@@ -128,7 +147,14 @@ class ResNetBackbone(nn.Module):
 
 
 def build_backbone(name: str, pretrained: str | None = None, width: int = 32) -> nn.Module:
-    """``pretrained``: None (random init), "imagenet" (torchvision download), or a file path."""
+    """``pretrained``: None (random init), "imagenet" (torchvision download), or a file path.
+
+    "imagenet" takes torchvision's DEFAULT weights: IMAGENET1K_V2 for resnet50/101, IMAGENET1K_V1
+    for resnet18/34 (the paper starts from mmseg's ``resnet101_v1c``, see the module docstring).
+    A path is a torchvision-format state dict (``conv1.*``, ``bn1.*``, ``layerK.*``; ``fc.*``
+    ignored; also accepted wrapped as ``{"state_dict": ...}``).
+    Shape: the backbone maps (B, 3, H, W) -> (B, out_channels, H/8, W/8).
+    """
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; choose one of {BACKBONES}")
     if name == "tiny":
@@ -157,12 +183,20 @@ def build_backbone(name: str, pretrained: str | None = None, width: int = 32) ->
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ValueError(f"could not read pretrained weights {path}: {e}") from e
-    net.load_torchvision_state(state.get("state_dict", state), str(path))
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"pretrained weights {path} hold a {type(state).__name__}, not a dict")
+    net.load_torchvision_state(state, str(path))
     return net
 
 
 class ASPPClassifier(nn.Module):
-    """Sum of 3x3 convolutions with dilations d_i: logits = sum_i conv_{d_i}(feats)."""
+    """Sum of 3x3 convolutions with dilations d_i: logits = sum_i conv_{d_i}(feats) (DLV2 head).
+
+    Each branch: 3x3, padding = dilation = d_i, bias, no norm/activation/dropout.
+    Shape: (B, F, h, w) -> (B, C, h, w).
+    """
 
     def __init__(self, in_channels: int, num_classes: int, dilations=(6, 12, 18, 24)):
         super().__init__()
@@ -179,7 +213,15 @@ class ASPPClassifier(nn.Module):
 
 
 class DeepLabV2(nn.Module):
-    """Dilated ResNet + ASPP classifier. ``forward`` returns (logits, stage-4 features)."""
+    """Dilated ResNet + ASPP classifier. ``forward`` returns (logits, stage-4 features).
+
+    ``backbone``: "resnet101" (the paper), "resnet50", "resnet34", "resnet18" or "tiny" (``width``
+    w sets its channels, feat_channels = 8w). ``aspp_dilations``: (6, 12, 18, 24) as CONFETI,
+    (6, 12) the reduced head. ``pretrained``: None, "imagenet" or a path (see build_backbone).
+    The auxiliary heads (CAM, projection) read ``feats``. Submodules ``backbone`` and ``head``
+    are the two optimizer groups (head at 10x the learning rate).
+    Shape: x (B, 3, H, W) -> logits (B, C, H/8, W/8), feats (B, feat_channels, H/8, W/8).
+    """
 
     def __init__(
         self,
