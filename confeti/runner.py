@@ -53,26 +53,65 @@ def resolve_device(device: str | None = None) -> torch.device:
     return torch.device(device)
 
 
-def init_distributed(device: torch.device) -> tuple[int, int]:
-    """(rank, world) from torchrun's environment; gloo on CPU, nccl on GPU."""
+def init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
+    """(rank, world, device) from torchrun's environment; gloo on CPU, nccl on GPU (one GPU
+    per process: cuda:LOCAL_RANK)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), device
+    return 0, 1, device
 
 
-def average_gradients(module: torch.nn.Module) -> None:
-    """All-reduce and average the gradients of ``module`` over ranks (one flat buffer)."""
-    grads = [p.grad for p in module.parameters() if p.grad is not None]
-    if not grads:
+def _average(tensors: list[torch.Tensor]) -> None:
+    """All-reduce a list of tensors through one flat buffer and divide by the world size."""
+    if not tensors:
         return
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    flat = torch.cat([t.reshape(-1) for t in tensors])
     dist.all_reduce(flat)
     flat /= dist.get_world_size()
     offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def average_gradients(module: torch.nn.Module) -> None:
+    """What DDP does, for a step with several backward passes: average the gradients over ranks,
+    then give every rank rank 0's BatchNorm statistics (DDP's ``broadcast_buffers``)."""
+    _average([p.grad for p in module.parameters() if p.grad is not None])
+    for b in module.buffers():
+        if b.is_floating_point():
+            dist.broadcast(b, 0)
+
+
+def sync_optimizer(opt: torch.optim.Optimizer) -> None:
+    """Average the gradients of ``opt``'s parameters before each of its steps (G, D, F)."""
+
+    def hook(optimizer, args, kwargs):
+        _average(
+            [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        )
+
+    opt.register_step_pre_hook(hook)
+
+
+def rank_checksums(state) -> list[list[float]]:
+    """[sum of student weights, sum of prototypes] of every rank (they must agree)."""
+    mine = torch.tensor(
+        [
+            sum(float(p.double().sum()) for p in state.student.parameters()),
+            float(state.protos.protos.double().sum()),
+        ],
+        dtype=torch.float64,
+    )
+    out = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, mine)
+    return [o.tolist() for o in out]
 
 
 # ---- data ---------------------------------------------------------------------------------
@@ -302,7 +341,7 @@ def train(
     cfg.validate()
     parts = parts_of(method)
     device = resolve_device(device)
-    rank, world = init_distributed(device)
+    rank, world, device = init_distributed(device)
     out = Path(out)
     if rank == 0:
         _prepare_out(out, cfg, method, resume, overwrite)
@@ -313,6 +352,9 @@ def train(
     state = TrainState(cfg, method, device)
     if world > 1:
         state.sync_grads = average_gradients
+        if state.style is not None:
+            for opt in state.style.optimizers.values():
+                sync_optimizer(opt)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     amp = None
@@ -391,6 +433,7 @@ def train(
         bar.close()
     seconds = time.time() - t0
     result = {}
+    checksums = rank_checksums(state) if world > 1 else None
     if rank == 0:
         result = evaluate_model(state.student, d.val, cfg, device, progress=progress)
         result["split"] = "val"
@@ -402,6 +445,8 @@ def train(
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "miou": result["miou"],
         }
+        if checksums is not None:
+            summary["world_size"], summary["rank_checksums"] = world, checksums
         if device.type == "cuda":
             summary["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         (out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -116,3 +116,41 @@ def test_cli_train_and_eval(toy, tmp_path, capsys):
                 str(tmp_path / "x"),
             ]
         )
+
+
+def test_two_process_data_parallel_ranks_agree(toy, tmp_path):
+    """torchrun with 2 CPU processes (gloo): the ranks end with identical weights and prototypes."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29517",
+        "-m",
+        "confeti",
+        "train",
+        "--preset",
+        "smoke",
+        "--method",
+        "confeti",
+        "--data",
+        str(toy),
+        "--out",
+        str(out),
+        "--iters",
+        "6",
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    (w0, p0), (w1, p1) = summary["rank_checksums"]
+    assert w0 == w1 and p0 == p1 and p0 != 0.0
