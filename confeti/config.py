@@ -221,7 +221,10 @@ def toy() -> Config:
         nce_layers=(0, 4, 8, 12),
         num_patches=64,
         cut_lr=2e-4,
+        style_pretrain_iters=300,  # phase 0: G learns the city look before the segmentor uses it
         proto_dim=64,
+        contrast_weight=0.1,  # the follow-up code's weights (0.5 / 2.0 in the paper's code)
+        reg_weight=0.1,
         contrast_samples=1024,
         log_every=10,
         eval_every=10**9,
@@ -239,6 +242,7 @@ def smoke() -> Config:
         target_resize=(32, 64),
         crop_size=(32, 64),
         rcs_min_pixels=20,
+        style_pretrain_iters=3,
         batch_size=2,
         backbone_width=8,
         ngf=4,
