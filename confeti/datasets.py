@@ -264,9 +264,26 @@ class SynthiaDataset(_SegDataset):
         labels = {p.stem: p for p in lab_dir.glob("*.png")}
         return self._pair(images, labels, img_dir, lab_dir)
 
+    def check(self) -> None:
+        """Also: every label must be a 16-bit PNG (bit depth read from the IHDR header)."""
+        super().check()
+        for _, lab in self.pairs:
+            depth = png_bit_depth(lab)
+            if depth != 16:
+                raise _layout_error(f"label has bit depth {depth}, expected a 16-bit PNG", lab, self.LAYOUT)  # fmt: skip
+
     def _label_to_train_id(self, path):
         raw = read_png16(path)
         return synthia_to_train_id(raw if raw.ndim == 2 else raw[..., 0])
+
+
+def png_bit_depth(path) -> int:
+    """Bits per sample from a PNG's IHDR chunk (byte 24 of the file), without decoding."""
+    with open(path, "rb") as f:
+        head = f.read(26)
+    if len(head) < 25 or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
+        raise DatasetError(f"{path}: not a PNG file")
+    return head[24]
 
 
 def class_pixel_counts(dataset: _SegDataset) -> list[dict[int, int]]:

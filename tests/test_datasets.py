@@ -243,3 +243,11 @@ def test_rare_class_sampler(tmp_path):
     (root / "images" / "00000.png").unlink()
     (root / "labels" / "00000.png").unlink()
     assert RareClassSampler(GTA5Dataset(root), min_pixels=10).classes == [0, 13]
+
+
+def test_synthia_label_of_the_wrong_bit_depth_is_refused(tmp_path):
+    root = make_synthia(tmp_path / "syn")
+    lab = sorted((root / "GT" / "LABELS").glob("*.png"))[0]
+    Image.fromarray(np.zeros((H, W, 3), np.uint8)).save(lab)  # an 8-bit RGB PNG
+    with pytest.raises(DatasetError, match=r"bit depth 8, expected a 16-bit PNG"):
+        SynthiaDataset(root)
