@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from tqdm.auto import tqdm
 
 from .labels import IGNORE_INDEX, NUM_CLASSES, id_to_train_id, synthia_to_train_id
 
@@ -116,7 +117,9 @@ class _SegDataset(torch.utils.data.Dataset):
 
     def check(self) -> None:
         """Validate every pair from the PNG headers only (sizes, readability); no decoding."""
-        for img, lab in self.pairs:
+        bar = tqdm(self.pairs, desc=f"checking {self.root}", leave=False,
+                   disable=len(self.pairs) < 2000)  # fmt: skip
+        for img, lab in bar:
             sizes = []
             for path in (img, lab):
                 try:

@@ -418,11 +418,19 @@ def plot_contrast_toy_2d(
     Middle: L_k(θ) = -log softmax_j(v~ . P_j / τ)[k] for each label k (the loss landscape).
     Right: the soft assignment softmax_j(v~ . P_j / τ), stacked (τ sets how sharp it is).
     """
-    theta = torch.linspace(0, 2 * np.pi, 721)
+    theta = torch.linspace(0, 2 * np.pi, 361)
     v = torch.stack([theta.cos(), theta.sin()], 1)  # (N, 2) unit embeddings
     phi = torch.tensor(proto_angles, dtype=torch.float32) * np.pi / 180
     protos = torch.stack([phi.cos(), phi.sin()], 1)  # (K, 2) unit prototypes
-    log_p = torch.log_softmax(v @ protos.t() / tau, dim=1)  # (N, K)
+    from .contrast import pixel_prototype_contrast  # the package's loss, not a re-derivation
+
+    def loss(e, k):  # L_k(θ): one pixel, label k, CE only (weight 1, no regulariser)
+        label = torch.full((1, 1, 1), k)
+        out = pixel_prototype_contrast(e.view(1, 2, 1, 1), label, protos, tau=tau, weight=1.0, reg_weight=0.0)  # fmt: skip
+        return out["ce"]
+
+    losses = [torch.stack([loss(e, k) for k in range(len(protos))]) for e in v]
+    log_p = -torch.stack(losses)  # (N, K) = log softmax_k(v~ . P_k / tau)
     deg, cols = theta.numpy() * 180 / np.pi, [class_color(k) for k in classes]
     names = [CLASSES[k] for k in classes]
     with plt.rc_context(STYLE):
