@@ -516,3 +516,61 @@ def plot_prototype_alignment(history: dict[str, list]) -> Figure:
         ax.legend(fontsize=6, ncol=2, loc="center left", bbox_to_anchor=(1.01, 0.5))
         fig.tight_layout()
     return fig
+
+
+# ---- notebook 02: pixel alignment (CUT) ------------------------------------------------------
+def plot_style_losses(
+    rows: list[dict], keys=("loss_D", "loss_G_gan", "loss_nce"), window: int = 10
+) -> Figure:
+    """CUT losses per step (faint) and their moving average over ``window`` steps (solid).
+
+    ``rows``: one dict per step (``StyleTransfer.pretrain_step`` output, optional "iter"). The
+    dashed line on the LSGAN panels is 0.25, their value when D outputs 0.5 everywhere.
+    """
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(1, len(keys), figsize=(3.4 * len(keys), 2.6), squeeze=False)
+        for ax, k in zip(axes[0], keys):
+            pts = [(r.get("iter", i + 1), r[k]) for i, r in enumerate(rows) if k in r]
+            if not pts:
+                ax.set_axis_off()
+                continue
+            it, v = map(np.asarray, zip(*pts))
+            w = max(1, min(window, len(v)))
+            smooth = np.convolve(v, np.ones(w) / w, mode="valid")  # mean of the last w steps
+            ax.plot(it, v, color="#999999", lw=0.6, alpha=0.7)
+            ax.plot(it[w - 1 :], smooth, color="#4c72b0", lw=1.6, label=f"mean of {w}")
+            if k in ("loss_D", "loss_G_gan"):
+                ax.axhline(0.25, color="black", ls="--", lw=0.8)
+            ax.set(title=k, xlabel="step")
+        axes[0, 0].legend(frameon=False)
+        fig.tight_layout()
+    return fig
+
+
+def plot_class_colour_shift(stats_source, stats_stylized, stats_target) -> Figure:
+    """Mean colour per class of source, stylized source and target (swatch rows, white: absent)
+    and, below, each class's RGB distance to the target before and after stylization.
+
+    Shape: stats_* (19, 3) RGB in [0, 1], NaN where absent.
+    """
+    stats = [np.asarray(s, dtype=float) for s in (stats_source, stats_stylized, stats_target)]
+    grid = np.where(np.isnan(np.stack(stats)), 1.0, np.clip(np.stack(stats), 0, 1))  # (3, 19, 3)
+    d_src = np.linalg.norm(stats[0] - stats[2], axis=1)  # (19,), NaN where a class is absent
+    d_sty = np.linalg.norm(stats[1] - stats[2], axis=1)
+    x = np.arange(len(CLASSES))
+    with plt.rc_context(STYLE):
+        fig, (a, b) = plt.subplots(2, 1, figsize=(10, 4.6), sharex=True, gridspec_kw={"height_ratios": [1, 1.3]})  # fmt: skip
+        a.imshow(grid, aspect="equal", interpolation="nearest")
+        a.set_yticks([0, 1, 2], ["source", "stylized", "target"])
+        for tick, name in zip(a.get_yticklabels(), DOMAIN_COLORS):
+            tick.set_color(DOMAIN_COLORS[name])
+        a.set_title("mean colour per class")
+        b.bar(x - 0.2, d_src, width=0.4, color=DOMAIN_COLORS["source"], label="source → target")
+        b.bar(x + 0.2, d_sty, width=0.4, color=DOMAIN_COLORS["stylized"], label="stylized → target")  # fmt: skip
+        with np.errstate(all="ignore"):
+            b.set_title(f"RGB distance to the target colour (mean: {np.nanmean(d_src):.3f} → {np.nanmean(d_sty):.3f})")  # fmt: skip
+        b.set_xticks(x, CLASSES, rotation=60, ha="right")
+        b.set_ylabel("‖mean colour − target's‖")
+        b.legend(frameon=False)
+        fig.tight_layout()
+    return fig
