@@ -20,23 +20,6 @@ from confeti.datasets import CityscapesDataset, DatasetError, GTA5Dataset, joint
 from confeti.labels import id_to_train_id
 from confeti.metrics import confusion_matrix, iou
 from confeti.runner import RunError, train
-from confeti.toystreets import write_toystreets
-
-
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    root = tmp_path_factory.mktemp("toy")
-    write_toystreets(
-        root,
-        n_source=12,
-        n_target_train=12,
-        n_target_val=4,
-        height=64,
-        width=128,
-        seed=0,
-        progress=False,
-    )
-    return root
 
 
 def _cli(toy, out, iters, *extra):

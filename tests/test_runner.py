@@ -7,23 +7,6 @@ import torch
 
 from confeti.__main__ import build_config, main
 from confeti.runner import RunError, train
-from confeti.toystreets import write_toystreets
-
-
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    root = tmp_path_factory.mktemp("toy")
-    write_toystreets(
-        root,
-        n_source=12,
-        n_target_train=12,
-        n_target_val=4,
-        height=64,
-        width=128,
-        seed=0,
-        progress=False,
-    )
-    return root
 
 
 def _cfg(iters=6, **kw):
