@@ -137,3 +137,17 @@ def test_two_process_data_parallel_ranks_agree(toy, tmp_path):
     assert summary["world_size"] == 2
     (w0, p0), (w1, p1) = summary["rank_checksums"]
     assert w0 == w1 and p0 == p1 and p0 != 0.0
+
+
+def test_two_stage_schedule_retrains_the_segmentor_with_g_frozen(toy, tmp_path):
+    cfg = _cfg(iters=4, schedule="two_stage", log_every=1)
+    train(cfg, "confeti", toy, tmp_path / "two", progress=False)
+    rows = [json.loads(ln) for ln in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    by_phase = {}
+    for r in rows:
+        by_phase.setdefault(r["phase"], []).append(r)
+    assert set(by_phase) == {"style_pretrain", "train", "stage2"}
+    assert len(by_phase["train"]) == len(by_phase["stage2"]) == 4
+    assert all("loss_D" in r for r in by_phase["train"])  # stage 1: CUT trained jointly
+    assert not any("loss_D" in r or "psc" in r or "pc_tgt" in r for r in by_phase["stage2"])
+    assert torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True)["train_style"] is False
