@@ -19,7 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .config import Config
 from .runner import resolve_device
-from .train import TrainState, train_step
+from .train import TrainState, setup_device, train_step
 
 BENCH_METHODS = ("source_only", "style", "contrast", "selftrain", "confeti")
 
@@ -86,12 +86,7 @@ def bench_method(cfg: Config, method: str, device, repeats: int = 5) -> dict:
     """Time ``train_step`` after the warm-up gates (t past every gate, so every loss runs)."""
     torch.manual_seed(cfg.seed)
     state = TrainState(cfg, method, device)
-    amp = None
-    if device.type == "cuda" and cfg.amp:
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        amp = torch.autocast("cuda", dtype=dtype)
-        if device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
+    amp = setup_device(state, cfg, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     batch = synthetic_batch(cfg, device)

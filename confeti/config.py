@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 PRESETS = ("smoke", "toy", "paper")
 METHODS = (
@@ -271,4 +271,3 @@ def field_names() -> list[str]:
 
 
 __all__ = ["Config", "PRESETS", "METHODS", "SCHEDULES", "get_preset", "paper", "toy", "smoke"]
-_ = field  # re-exported for users who build their own presets

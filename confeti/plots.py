@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from .labels import CLASSES, IGNORE_INDEX, PALETTE, colorize
+from .labels import CLASSES, PALETTE, colorize
 
 STYLE = {"font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "figure.dpi": 100}
 DPI = 150  # PNGs in figures/ are written at this resolution
@@ -37,8 +37,6 @@ def save_figure(fig: Figure, path) -> None:
     fig.savefig(path, dpi=DPI, bbox_inches="tight")
     plt.close(fig)
 
-
-_ = (CLASSES, IGNORE_INDEX, colorize)  # used by the figure functions below
 
 # ---- figures are added below, grouped by notebook ------------------------------------------
 

@@ -35,7 +35,7 @@ from .checkpoint import load_checkpoint, load_state_checked, save_atomic
 from .config import Config
 from .datasets import CityscapesDataset, GTA5Dataset, RareClassSampler, SynthiaDataset
 from .metrics import evaluate, format_table, summarize
-from .train import TrainState, check_finite, parts_of, set_lr, train_step
+from .train import TrainState, check_finite, parts_of, setup_device, train_step
 
 CKPT = "checkpoint.pt"
 
@@ -275,9 +275,9 @@ def _prepare_out(out: Path, cfg: Config, method: str, resume: bool, overwrite: b
                 "to replace it"
             )
         old = json.loads(cfg_file.read_text())
-        if old.get("method") != method or json.dumps(
-            old.get("config"), sort_keys=True
-        ) != json.dumps(json.loads(json.dumps(meta["config"])), sort_keys=True):
+        # compare through JSON, where tuples and lists are the same thing
+        same = json.dumps(old, sort_keys=True) == json.dumps(meta, sort_keys=True)
+        if not same:
             raise RunError(f"--resume: {cfg_file} was written for another method or config")
     if overwrite:
         for name in (CKPT, "metrics.jsonl", "eval.json", "summary.json"):
@@ -355,16 +355,7 @@ def train(
         if state.style is not None:
             for opt in state.style.optimizers.values():
                 sync_optimizer(opt)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    amp = None
-    if device.type == "cuda" and cfg.amp:
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        amp = torch.autocast("cuda", dtype=dtype)
-        if dtype == torch.float16:
-            state.scaler = torch.amp.GradScaler("cuda")
-    if cfg.channels_last and device.type == "cuda":
-        state.to(memory_format=torch.channels_last)
+    amp = setup_device(state, cfg, device)
 
     plan = phases(cfg, method)
     total = plan[-1][2]
@@ -469,6 +460,3 @@ def load_for_eval(ckpt: str | Path, device=None) -> tuple[TrainState, Config]:
     state = TrainState(cfg, meta["method"], device)
     _restore(state, load_checkpoint(ckpt, map_location=device))
     return state, cfg
-
-
-_ = set_lr

@@ -39,6 +39,7 @@ from .selftrain import (
     ema_update,
     feature_distance,
     mix,
+    mix_weights,
     pseudo_label,
     strong_augment,
 )
@@ -135,6 +136,23 @@ class TrainState(nn.Module):
     @property
     def uses_protos(self) -> bool:
         return self.parts.contrast or self.train_style
+
+
+def setup_device(state: TrainState, cfg: Config, device: torch.device):
+    """GPU settings in one place: cuDNN autotuning, channels_last, and autocast (bf16 where
+    supported, else fp16 with a GradScaler on ``state.scaler``). Returns the autocast context
+    for ``train_step`` (None on CPU)."""
+    if device.type != "cuda":
+        return None
+    torch.backends.cudnn.benchmark = True
+    if cfg.channels_last:
+        state.to(memory_format=torch.channels_last)
+    if not cfg.amp:
+        return None
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if dtype == torch.float16:
+        state.scaler = torch.amp.GradScaler("cuda")
+    return torch.autocast("cuda", dtype=dtype)
 
 
 def make_optimizer(state: TrainState, cfg: Config) -> torch.optim.Optimizer:
@@ -256,7 +274,7 @@ def train_step(
             blur_p=cfg.blur_p,
         )
         y_m = mix(y_s, y_t_hat, m)
-        w_m = mix(torch.ones_like(w_t), w_t, m)
+        w_m = mix_weights(m, w_t)  # 1 on pasted source pixels, q elsewhere
 
     _mark(state, "class_mix")
     if debug is not None:
