@@ -62,10 +62,11 @@ class CAMHead(nn.Module):
 
 def class_presence(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """z_{b,k} = 1 iff class k occurs in image b. Shape: (B, H, W) -> (B, C) float."""
-    valid = labels.clone()
-    valid[(valid < 0) | (valid >= num_classes)] = num_classes  # ignore -> an extra bin
-    onehot = F.one_hot(valid.flatten(1), num_classes + 1).amax(1)  # (B, C + 1)
-    return onehot[:, :num_classes].float()
+    valid = labels.flatten(1)
+    valid = valid.masked_fill((valid < 0) | (valid >= num_classes), num_classes)  # ignore bin
+    present = valid.new_zeros(valid.shape[0], num_classes + 1, dtype=torch.float32)
+    present.scatter_(1, valid, 1.0)  # z_{b, y_i} = 1 for every pixel i of image b
+    return present[:, :num_classes]
 
 
 def cam_loss(

@@ -380,7 +380,7 @@ def train(
             stream = BatchStream(d, cfg, t, p_stop, rank, parts.oracle)
             for batch in stream:
                 torch.manual_seed(_mix_seed(cfg.seed, rank, t, 7))
-                batch = to_device(batch, device, cfg.channels_last and device.type == "cuda")
+                batch = to_device(batch, device, cfg.channels_last)
                 if name == "style_pretrain":
                     logs = {
                         k: float(v)

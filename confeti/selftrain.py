@@ -36,11 +36,14 @@ def ema_update(teacher: nn.Module, student: nn.Module, iteration: int, alpha: fl
     Shape: two modules with the same parameter list. Returns α_t.
     """
     alpha_t = min(1.0 - 1.0 / (iteration + 1), alpha)  # α_t = min(1 − 1/(t+1), α)
-    for phi, theta in zip(teacher.parameters(), student.parameters(), strict=True):
-        if alpha_t == 0.0:
-            phi.copy_(theta)  # α_0 = 0: φ ← θ (a copy also clears any NaN in φ, unlike 0·φ)
-        else:
-            phi.mul_(alpha_t).add_(theta.detach().to(phi.dtype), alpha=1.0 - alpha_t)
+    phis, thetas = list(teacher.parameters()), [p.detach() for p in student.parameters()]
+    if len(phis) != len(thetas):
+        raise ValueError(f"teacher has {len(phis)} parameters, student {len(thetas)}")
+    if alpha_t == 0.0:
+        torch._foreach_copy_(phis, thetas)  # α_0 = 0: φ ← θ (also clears NaN in φ, unlike 0·φ)
+    else:  # one fused op per line over all tensors
+        torch._foreach_mul_(phis, alpha_t)
+        torch._foreach_add_(phis, [t.to(p.dtype) for p, t in zip(phis, thetas)], alpha=1 - alpha_t)
     return alpha_t
 
 

@@ -125,9 +125,22 @@ class Generator(nn.Module):
         layers += [nn.ReflectionPad2d(3), nn.Conv2d(ngf, 3, 7), nn.Tanh()]
         self.model = nn.Sequential(*layers)
         self._channels = chans
+        # outputs the next layer overwrites (in-place ReLU) are copied when returned as features
+        self._overwritten = {
+            i for i, nxt in enumerate(layers[1:]) if isinstance(nxt, nn.ReLU) and nxt.inplace
+        }
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
+    def forward(self, x: torch.Tensor, layers=None):
+        """G(x); with ``layers`` also the encoder outputs there, taken from this same pass
+        (so PatchNCE keys need no second encoder pass). Shape: -> (B, 3, H, W)[, feats]."""
+        if layers is None:
+            return self.model(x)
+        layers, feats = self.check_layers(layers), {}
+        for i, layer in enumerate(self.model):
+            x = layer(x)
+            if i in layers:
+                feats[i] = x.clone() if i in self._overwritten else x
+        return x, [feats[i] for i in layers]
 
     def check_layers(self, layers) -> list[int]:
         valid = range(self.n_encoder)
@@ -151,7 +164,7 @@ class Generator(nn.Module):
         for i, layer in enumerate(self.model[: max(layers) + 1]):
             x = layer(x)
             if i in layers:
-                out[i] = x
+                out[i] = x.clone() if i in self._overwritten else x
         return [out[i] for i in layers]
 
 
@@ -270,7 +283,7 @@ class StyleTransfer(nn.Module):
         self.num_patches, self.nce_tau = num_patches, nce_tau
         self.lambda_gan, self.lambda_nce = lambda_gan, lambda_nce
         self.optimizers = {
-            name: torch.optim.Adam(net.parameters(), lr=lr, betas=tuple(betas))
+            name: torch.optim.Adam(net.parameters(), lr=lr, betas=tuple(betas), foreach=True)
             for name, net in (("G", self.G), ("D", self.D), ("F", self.F))
         }
 
@@ -285,10 +298,23 @@ class StyleTransfer(nn.Module):
         """x_s2t = G(x_s), graph to G kept. Shape: (B, 3, H, W) -> same, ImageNet-normalised."""
         return from_cut_range(self.G(to_cut_range(x_s)))
 
-    def _nce(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """(1/L) Σ_l PatchNCE(queries from b, keys from a) on [-1, 1] images, × λ_NCE."""
+    def translate_with_keys(self, x_s: torch.Tensor):
+        """x_s2t = G(x_s) and G's encoder outputs at the NCE layers from the same pass.
+
+        Pass them to ``g_step(src_feats=...)``: they are the PatchNCE keys of x_s, identical to a
+        fresh ``G.encode(x_s)`` while G has not stepped (the official code re-encodes x_s).
+        Shape: (B, 3, H, W) -> (B, 3, H, W), [(B, C_l, H_l, W_l)].
+        """
+        y, feats = self.G(to_cut_range(x_s), self.nce_layers)
+        return from_cut_range(y), [f.detach() for f in feats]
+
+    def _nce(self, a: torch.Tensor, b: torch.Tensor, keys=None) -> torch.Tensor:
+        """(1/L) Σ_l PatchNCE(queries from b, keys from a) on [-1, 1] images, × λ_NCE.
+
+        ``keys``: G's encoder outputs for ``a`` if already computed (else one no-grad pass)."""
         with torch.no_grad():  # keys are detached anyway: no graph needed for G(a) or F(keys)
-            feat_k, ids = self.F(self.G.encode(a, self.nce_layers), self.num_patches)
+            feats_a = self.G.encode(a, self.nce_layers) if keys is None else keys
+            feat_k, ids = self.F(feats_a, self.num_patches)
         feat_q, _ = self.F(self.G.encode(b, self.nce_layers), self.num_patches, ids)
         losses = [patch_nce_loss(q, k, a.shape[0], self.nce_tau) for q, k in zip(feat_q, feat_k)]
         return self.lambda_nce * torch.stack(losses).mean()
@@ -312,15 +338,19 @@ class StyleTransfer(nn.Module):
         self.D.requires_grad_(True)
         self.optimizers["D"].zero_grad(set_to_none=True)
         fake, real = to_cut_range(x_s2t.detach()), to_cut_range(x_t)
-        loss = 0.5 * (lsgan_loss(self.D(fake), False) + lsgan_loss(self.D(real), True))
+        # one D pass over [fake; real]: D has no batch statistics (InstanceNorm), so this equals
+        # two passes, with half the kernel launches
+        pred_fake, pred_real = self.D(torch.cat([fake, real])).split([len(fake), len(real)])
+        loss = 0.5 * (lsgan_loss(pred_fake, False) + lsgan_loss(pred_real, True))
         self._step(loss, ["D"], scaler)
         return {"loss_D": loss.item()}
 
-    def g_step(self, x_s, x_t, x_s2t, extra_loss=None, scaler=None) -> dict:
+    def g_step(self, x_s, x_t, x_s2t, extra_loss=None, scaler=None, src_feats=None) -> dict:
         """L_G = λ_GAN·MSE(D(x̃_s), 1) + ½[NCE(x_s, x̃_s) + NCE(x_t, G(x_t))] (λ_NCE inside NCE).
 
         ``extra_loss`` (the semantic consistency, graph to G) joins the same backward. G and F grads
         are zeroed first; D is frozen (requires_grad restored after); steps G and F.
+        ``src_feats``: the keys of x_s from ``translate_with_keys`` (saves one encoder pass).
         """
         self.optimizers["G"].zero_grad(set_to_none=True)
         self.optimizers["F"].zero_grad(set_to_none=True)
@@ -328,9 +358,11 @@ class StyleTransfer(nn.Module):
         self.D.requires_grad_(False)
         try:
             src, tgt, fake = to_cut_range(x_s), to_cut_range(x_t), to_cut_range(x_s2t)
-            idt = self.G(tgt)  # as in the official code (nce_idt): identity NCE on G(x_t)
+            # as in the official code (nce_idt): identity NCE on G(x_t); keys of x_t from this pass
+            idt, tgt_feats = self.G(tgt, self.nce_layers)
             loss_gan = self.lambda_gan * lsgan_loss(self.D(fake), True)
-            loss_nce = 0.5 * (self._nce(src, fake) + self._nce(tgt, idt))
+            tgt_keys = [f.detach() for f in tgt_feats]
+            loss_nce = 0.5 * (self._nce(src, fake, src_feats) + self._nce(tgt, idt, tgt_keys))
             loss_g = loss_gan + loss_nce
             total = loss_g if extra_loss is None else loss_g + extra_loss
             self._step(total, ["G", "F"], scaler)
@@ -341,5 +373,5 @@ class StyleTransfer(nn.Module):
 
     def pretrain_step(self, x_s: torch.Tensor, x_t: torch.Tensor) -> dict:
         """One standalone CUT iteration (phase 0): translate, D step, G + F step."""
-        x_s2t = self.translate(x_s)
-        return {**self.d_step(x_s2t, x_t), **self.g_step(x_s, x_t, x_s2t)}
+        x_s2t, keys = self.translate_with_keys(x_s)
+        return {**self.d_step(x_s2t, x_t), **self.g_step(x_s, x_t, x_s2t, src_feats=keys)}

@@ -89,6 +89,10 @@ class Segmentor(nn.Module):
     def forward(self, x):
         return self.seg(x)
 
+    def features(self, x):
+        """Stage-4 features only (no ASPP classifier): for passes whose logits go unused."""
+        return self.seg.backbone(x)
+
 
 class TrainState(nn.Module):
     """Everything one run trains or tracks; its ``state_dict`` is the model part of a checkpoint."""
@@ -139,14 +143,15 @@ class TrainState(nn.Module):
 
 
 def setup_device(state: TrainState, cfg: Config, device: torch.device):
-    """GPU settings in one place: cuDNN autotuning, channels_last, and autocast (bf16 where
-    supported, else fp16 with a GradScaler on ``state.scaler``). Returns the autocast context
-    for ``train_step`` (None on CPU)."""
+    """Device settings in one place: channels_last (NHWC: faster convolutions in oneDNN on CPU
+    and cuDNN on GPU), cuDNN autotuning, and on CUDA autocast (bf16 where supported, else fp16
+    with a GradScaler on ``state.scaler``). Returns the autocast context for ``train_step``
+    (None on CPU). Batches should match: ``runner.to_device(..., channels_last=True)``."""
+    if cfg.channels_last:
+        state.to(memory_format=torch.channels_last)
     if device.type != "cuda":
         return None
     torch.backends.cudnn.benchmark = True
-    if cfg.channels_last:
-        state.to(memory_format=torch.channels_last)
     if not cfg.amp:
         return None
     dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -165,7 +170,9 @@ def make_optimizer(state: TrainState, cfg: Config) -> torch.optim.Optimizer:
         {"params": list(s.seg.backbone.parameters()), "lr_mult": 1.0},
         {"params": heads, "lr_mult": cfg.head_lr_mult},
     ]
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(
+        groups, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, foreach=True
+    )  # foreach: one fused op per step over all tensors (the default only on CUDA)
     set_lr(opt, cfg, 0)
     return opt
 
@@ -239,10 +246,11 @@ def train_step(
         ema_update(state.teacher, state.student, t, cfg.ema_alpha)
 
     # 2. stylize the source: x_s2t = G(x_s), graph to G kept only while G trains
+    src_keys = None  # G's encoder outputs on x_s: the PatchNCE keys of the CUT step below
     if p.style:
         if state.train_style:
             with autocast:
-                x_s2t = state.style.translate(x_s)
+                x_s2t, src_keys = state.style.translate_with_keys(x_s)
         else:
             with torch.no_grad(), autocast:
                 x_s2t = state.style.translate(x_s)
@@ -290,16 +298,16 @@ def train_step(
         teacher = state.teacher if state.teacher is not None else state.student
         with torch.no_grad(), autocast:
             if p.selftrain:
-                _, f_m = teacher(x_m)
+                f_m = teacher.features(x_m)
                 cam = None if warm else F.relu(teacher.cam(f_m)).float()
                 state.protos.update(
                     teacher.proj(f_m).float(), y_m, weights=cam, mask=(m > 0) if warm else None
                 )
             else:  # no mix: source GT, plus target pseudo-labels after the warm-up
-                _, f_s = teacher(x_src)
+                f_s = teacher.features(x_src)
                 state.protos.update(teacher.proj(f_s).float(), y_s)
                 if p.contrast and not warm:
-                    _, f_t = teacher(x_t)
+                    f_t = teacher.features(x_t)
                     conf = y_t_hat.masked_fill(w_t == 0, IGNORE_INDEX)
                     state.protos.update(teacher.proj(f_t).float(), conf)
 
@@ -329,8 +337,8 @@ def train_step(
         judge = state.teacher if (cfg.psc_judge == "teacher" and state.teacher) else s
         with autocast, frozen(s.seg, s.proj):
             with torch.no_grad():
-                emb_src = judge.proj(judge(x_s)[1])
-            emb_s2t = s.proj(s(x_s2t)[1])
+                emb_src = judge.proj(judge.features(x_s))
+            emb_s2t = s.proj(s.features(x_s2t))
             psc = semantic_consistency(
                 emb_src.float(),
                 emb_s2t.float(),
@@ -361,7 +369,11 @@ def train_step(
             scaler = getattr(state, "scaler", None)
             logs.update(_tensors(state.style.d_step(x_s2t, x_t, scaler=scaler)))
             logs.update(
-                _tensors(state.style.g_step(x_s, x_t, x_s2t, extra_loss=psc, scaler=scaler))
+                _tensors(
+                    state.style.g_step(
+                        x_s, x_t, x_s2t, extra_loss=psc, scaler=scaler, src_feats=src_keys
+                    )
+                )
             )
 
     _mark(state, "cut_steps")
@@ -388,7 +400,7 @@ def train_step(
     tgt_contrast = p.contrast and (state.train_style or not p.selftrain)
     if tgt_contrast and t > cfg.contrast_start and protos_ready:
         with autocast:
-            _, f_tgt = state.student(x_t)
+            f_tgt = state.student.features(x_t)
             pc = _contrast(state, f_tgt.float(), y_t_hat, scale=q)
         logs["pc_tgt"], logs["reg_tgt"] = pc["ce"], pc["reg"]
         _backward(state, pc["ce"] + pc["reg"], logs)

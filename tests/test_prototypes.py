@@ -3,7 +3,14 @@ import math
 import torch
 import torch.nn.functional as F
 
-from confeti.prototypes import CAMHead, ProjectionHead, PrototypeMemory, cam_loss, similarity
+from confeti.prototypes import (
+    CAMHead,
+    ProjectionHead,
+    PrototypeMemory,
+    cam_loss,
+    class_presence,
+    similarity,
+)
 
 
 def _emb(vectors, h=1):
@@ -143,3 +150,12 @@ def test_feature_figures_build():
     assert len(figs[0].axes) == 3 and len(figs[2].axes[0].lines) == 3  # 2 classes + the mean
     for fig in figs:
         plt.close(fig)
+
+
+def test_class_presence_marks_exactly_the_classes_present():
+    labels = torch.tensor([[[0, 0, 255], [3, 3, 3]], [[255, 255, 255], [1, 18, 1]]])
+    z = class_presence(labels, num_classes=19)
+    assert z.shape == (2, 19) and z.dtype == torch.float32
+    assert torch.nonzero(z[0]).flatten().tolist() == [0, 3]  # ignore (255) is not a class
+    assert torch.nonzero(z[1]).flatten().tolist() == [1, 18]
+    assert class_presence(torch.full((1, 4, 4), 255), 19).sum() == 0

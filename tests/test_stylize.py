@@ -329,3 +329,48 @@ def test_plot_stylization_grid():
     assert len([ax for ax in fig.axes if ax.images]) == 6  # 2 rows × (source | stylized | target)
     fig = plot_colour_shift(x_s, x_s + 0.1, x_t)
     assert len(fig.axes) == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# speed-ups that must not change the maths (issue 9)
+
+
+def test_forward_with_layers_returns_the_encoder_outputs_of_the_same_pass():
+    torch.manual_seed(0)
+    G = Generator(ngf=4, n_blocks=2)
+    x = torch.randn(2, 3, 16, 32)
+    layers = (0, 2, 4, 8, 12)  # 2 = InstanceNorm output, overwritten by the in-place ReLU after it
+    y, feats = G(x, layers)
+    assert torch.equal(y, G(x))
+    for got, want in zip(feats, G.encode(x, layers)):
+        assert torch.equal(got, want)
+    norm_out = G.model[:3](x)  # the InstanceNorm output before its ReLU
+    assert torch.equal(feats[1], norm_out) and (feats[1] < 0).any()
+
+
+def test_keys_from_translate_give_the_same_g_step_as_a_fresh_encoder_pass():
+    torch.manual_seed(0)
+    base = StyleTransfer(**TINY)
+    x_s, x_t = _pair()
+    runs = []
+    for reuse in (False, True):
+        st = copy.deepcopy(base)
+        x_s2t, keys = st.translate_with_keys(x_s)
+        assert all(not k.requires_grad for k in keys)
+        torch.manual_seed(1)  # same patch positions in both runs
+        logs = st.g_step(x_s, x_t, x_s2t, src_feats=keys if reuse else None)
+        runs.append((logs, _params(st.G), _params(st.F)))
+    (logs_a, g_a, f_a), (logs_b, g_b, f_b) = runs
+    assert logs_a == pytest.approx(logs_b, rel=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(g_a + f_a, g_b + f_b))
+
+
+def test_d_step_on_one_concatenated_batch_equals_two_passes():
+    torch.manual_seed(0)
+    st = StyleTransfer(**TINY)
+    x_s, x_t = _pair()
+    fake = st.translate(x_s).detach()
+    with torch.no_grad():
+        d_fake, d_real = st.D(to_cut_range(fake)), st.D(to_cut_range(x_t))
+        want = 0.5 * (lsgan_loss(d_fake, False) + lsgan_loss(d_real, True))
+    assert st.d_step(fake, x_t)["loss_D"] == pytest.approx(want.item(), rel=1e-5)

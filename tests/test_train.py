@@ -7,7 +7,8 @@ import torch
 
 from confeti.bench import synthetic_batch
 from confeti.config import METHODS, smoke
-from confeti.train import TrainState, lr_at, parts_of, train_step
+from confeti.runner import to_device
+from confeti.train import TrainState, lr_at, parts_of, setup_device, train_step
 
 DEV = torch.device("cpu")
 
@@ -113,3 +114,31 @@ def test_consistency_gradient_reaches_g_but_not_the_segmentor():
     assert len(before) == len(after) > 0
     assert all(torch.equal(a, b) for a, b in zip(before, after))
     assert _has_grad(state.adapter)
+
+
+def test_features_are_the_forward_features():
+    torch.manual_seed(0)
+    state = TrainState(_cfg(), "confeti", torch.device("cpu"))
+    x = torch.randn(2, 3, 32, 64)
+    assert torch.equal(state.student.features(x), state.student(x)[1])
+
+
+def test_channels_last_changes_layout_not_results():
+    """setup_device's NHWC layout (now also on CPU) gives the losses of the NCHW layout."""
+    cfg = _cfg()
+    batch = synthetic_batch(cfg, torch.device("cpu"))
+    t = _late(cfg)
+    logs = []
+    for cl in (False, True):
+        torch.manual_seed(0)
+        state = TrainState(
+            dataclasses.replace(cfg, channels_last=cl), "confeti", torch.device("cpu")
+        )
+        setup_device(state, state.cfg, torch.device("cpu"))
+        b = to_device(batch, torch.device("cpu"), channels_last=cl)
+        assert b["x_s"].is_contiguous(memory_format=torch.channels_last) == cl
+        torch.manual_seed(1)
+        logs.append(train_step(state, b, t))
+    assert logs[0].keys() == logs[1].keys()
+    for k in logs[0]:
+        assert logs[1][k] == pytest.approx(logs[0][k], rel=1e-3, abs=1e-5), k
