@@ -151,7 +151,7 @@ def _cmd_bench(a) -> None:
     from .bench import run_bench
 
     cfg = build_config(a.preset, None, None, a.set)
-    res = run_bench(cfg, device=a.device, repeats=a.repeats, methods=a.methods)
+    res = run_bench(cfg, device=a.device, repeats=a.repeats, methods=a.methods, data=a.data)
     text = json.dumps(res, indent=2)
     print(text)
     if a.out:
@@ -223,6 +223,7 @@ def main(argv=None) -> None:
     _add_config_args(p)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--methods", nargs="*", default=None)
+    p.add_argument("--data", default=None, help="also time the input pipeline on this data set")
     p.add_argument("--out", default=None)
     p.set_defaults(fn=_cmd_bench)
 

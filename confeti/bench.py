@@ -1,10 +1,13 @@
 """``python -m confeti bench --preset P``: speed, memory and utilisation of one training iteration.
 
-For each method: seconds per iteration (median of ``repeats`` after one warm-up), images/s
+For each method: seconds per iteration (median of ``repeats`` after three warm-up iterations), images/s
 (source + target crops), peak memory (CPU: the process's max RSS so far; GPU: max allocated), and
 for CONFETI the split of one iteration into phases (``train._mark``). Utilisation = achieved
-FLOP/s of the iteration (``torch.utils.flop_counter``) / a large matmul's FLOP/s at the same dtype.
-Synthetic batches (random images, random blocky labels) so no data set is needed.
+FLOP/s of the iteration (``torch.utils.flop_counter``) / the machine's peak at the same dtype,
+the faster of a large matmul and a large convolution (on AMD CPUs oneDNN's convolutions run
+about twice as fast as MKL's matmul, so the matmul alone would flatter the utilisation).
+Synthetic batches (random images, random blocky labels) so no data set is needed; with ``data``
+the loader (readers, crops, augmentation, RCS) is timed too, to compare with the model's images/s.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from .config import Config
-from .runner import resolve_device
+from .runner import resolve_device, to_device
 from .train import TrainState, setup_device, train_step
 
 BENCH_METHODS = ("source_only", "style", "contrast", "selftrain", "confeti")
@@ -58,6 +61,44 @@ def matmul_peak(device, dtype=torch.float32, n: int = 2048, repeats: int = 5) ->
     return 2 * n**3 / min(times)
 
 
+def conv_peak(device, dtype=torch.float32, channels: int = 512, size: int = 32, repeats=5):
+    """FLOP/s of a large 3x3 convolution (batch 8, ``channels`` in and out, size x size)."""
+    x = torch.randn(8, channels, size, size, device=device, dtype=dtype)
+    w = torch.randn(channels, channels, 3, 3, device=device, dtype=dtype)
+    conv = torch.nn.functional.conv2d
+    conv(x, w, padding=1)
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        conv(x, w, padding=1)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return 2 * 8 * size * size * channels * channels * 9 / min(times)
+
+
+def bench_loader(cfg: Config, data_root, batches: int = 20) -> dict:
+    """Images/s of the training input pipeline alone (``runner.BatchStream``, real files).
+
+    Counts source + target crops per batch like the model's images/s; the first batch (worker
+    start-up) is not timed. With ``num_workers > 0`` loading overlaps the model's work, so the
+    loader keeps up when its images/s exceed the model's.
+    """
+    from .runner import BatchStream, build_data
+
+    data = build_data(cfg, data_root, "confeti")
+    stream = iter(BatchStream(data, cfg, 0, batches + 1, rank=0, oracle=False))
+    next(stream)
+    t0 = time.perf_counter()
+    n = sum(1 for _ in stream)
+    sec = (time.perf_counter() - t0) / max(n, 1)
+    return {
+        "num_workers": cfg.num_workers,
+        "sec_per_batch": round(sec, 4),
+        "images_per_sec": round(2 * cfg.batch_size / sec, 2),
+    }
+
+
 class PhaseClock:
     """Accumulates wall time between ``train._mark`` calls, per phase name."""
 
@@ -89,9 +130,10 @@ def bench_method(cfg: Config, method: str, device, repeats: int = 5) -> dict:
     amp = setup_device(state, cfg, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    batch = synthetic_batch(cfg, device)
+    batch = to_device(synthetic_batch(cfg, device), device, cfg.channels_last)
     t = max(cfg.contrast_start, cfg.proto_warmup_iters, cfg.cam_mix_start) + 1
-    train_step(state, batch, t, amp=amp)  # warm-up; also fills the prototypes
+    for i in range(3):  # warm-up (oneDNN primitive caches, allocator); fills the prototypes
+        train_step(state, batch, t - 3 + i, amp=amp)
     times = []
     clock = PhaseClock(device)
     for i in range(repeats):
@@ -118,23 +160,31 @@ def bench_method(cfg: Config, method: str, device, repeats: int = 5) -> dict:
     return out
 
 
-def run_bench(cfg: Config, device=None, repeats: int = 5, methods=None) -> dict:
+def run_bench(cfg: Config, device=None, repeats: int = 5, methods=None, data=None) -> dict:
     device = resolve_device(device)
     dtype = torch.float32
     if device.type == "cuda" and cfg.amp:
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    peak = matmul_peak(device, dtype)
+    mm, cv = matmul_peak(device, dtype), conv_peak(device, dtype)
+    peak = max(mm, cv)
     res = {
         "preset": cfg.preset,
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "threads": torch.get_num_threads(),
         "batch_size": cfg.batch_size,
         "crop_size": list(cfg.crop_size),
-        "matmul_peak_gflops": round(peak / 1e9, 1),
+        "matmul_peak_gflops": round(mm / 1e9, 1),
+        "conv_peak_gflops": round(cv / 1e9, 1),
+        "peak_gflops": round(peak / 1e9, 1),
+        "channels_last": cfg.channels_last,
         "methods": {},
     }
     for m in methods or BENCH_METHODS:
         r = bench_method(cfg, m, device, repeats)
         r["utilisation"] = round(r["achieved_gflops"] * 1e9 / peak, 3)
         res["methods"][m] = r
+    if data is not None:
+        res["loader"] = bench_loader(cfg, data)
+        slowest = min(r["images_per_sec"] for r in res["methods"].values())
+        res["loader"]["vs_slowest_method"] = round(res["loader"]["images_per_sec"] / slowest, 2)
     return res

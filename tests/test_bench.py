@@ -5,9 +5,13 @@ from confeti.bench import BENCH_METHODS, run_bench
 from confeti.config import smoke
 
 
-def test_bench_reports_every_method_and_phase():
-    res = run_bench(smoke(), device="cpu", repeats=1)
-    assert res["matmul_peak_gflops"] > 0
+def test_bench_reports_every_method_and_phase(toy):
+    res = run_bench(smoke(), device="cpu", repeats=1, data=toy)
+    assert res["matmul_peak_gflops"] > 0 and res["conv_peak_gflops"] > 0
+    assert res["peak_gflops"] == max(res["matmul_peak_gflops"], res["conv_peak_gflops"])
+    loader = res["loader"]
+    assert loader["images_per_sec"] > 0 and loader["sec_per_batch"] > 0
+    assert loader["vs_slowest_method"] > 0
     assert set(res["methods"]) == set(BENCH_METHODS)
     for r in res["methods"].values():
         assert r["sec_per_iter"] > 0 and r["images_per_sec"] > 0 and r["peak_memory_mb"] > 0
