@@ -133,20 +133,20 @@ def bench_method(cfg: Config, method: str, device, repeats: int = 5) -> dict:
     batch = to_device(synthetic_batch(cfg, device), device, cfg.channels_last)
     t = max(cfg.contrast_start, cfg.proto_warmup_iters, cfg.cam_mix_start) + 1
     for i in range(3):  # warm-up (oneDNN primitive caches, allocator); fills the prototypes
-        train_step(state, batch, t - 3 + i, amp=amp)
+        train_step(state, batch, t + i, amp=amp)
     times = []
     clock = PhaseClock(device)
     for i in range(repeats):
         clock.reset()
         state.clock = clock if method == "confeti" else None
         t0 = time.perf_counter()
-        train_step(state, batch, t + 1 + i, amp=amp)
+        train_step(state, batch, t + 3 + i, amp=amp)
         _sync(device)
         times.append(time.perf_counter() - t0)
     state.clock = None
     sec = statistics.median(times)
     with FlopCounterMode(display=False) as fc:
-        train_step(state, batch, t + 1 + repeats, amp=amp)
+        train_step(state, batch, t + 3 + repeats, amp=amp)
     flops = fc.get_total_flops()
     out = {
         "sec_per_iter": round(sec, 4),
@@ -158,6 +158,32 @@ def bench_method(cfg: Config, method: str, device, repeats: int = 5) -> dict:
     if method == "confeti":
         out["phases_sec"] = {k: round(v / repeats, 4) for k, v in clock.totals.items()}
     return out
+
+
+def bench_cut(cfg: Config, device, repeats: int = 5) -> dict:
+    """One standalone CUT iteration (``StyleTransfer.pretrain_step``: translate, D, G + F):
+    the pixel-alignment module's own speed and FLOP/s, apart from the segmentor."""
+    torch.manual_seed(cfg.seed)
+    state = TrainState(cfg, "style", device)
+    setup_device(state, cfg, device)
+    batch = to_device(synthetic_batch(cfg, device), device, cfg.channels_last)
+    x_s, x_t = batch["x_s"], batch["x_t"]
+    for _ in range(3):
+        state.style.pretrain_step(x_s, x_t)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        state.style.pretrain_step(x_s, x_t)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    with FlopCounterMode(display=False) as fc:
+        state.style.pretrain_step(x_s, x_t)
+    sec = statistics.median(times)
+    return {
+        "sec_per_iter": round(sec, 4),
+        "gflop_per_iter": round(fc.get_total_flops() / 1e9, 2),
+        "achieved_gflops": round(fc.get_total_flops() / sec / 1e9, 2),
+    }
 
 
 def run_bench(cfg: Config, device=None, repeats: int = 5, methods=None, data=None) -> dict:
@@ -183,6 +209,9 @@ def run_bench(cfg: Config, device=None, repeats: int = 5, methods=None, data=Non
         r = bench_method(cfg, m, device, repeats)
         r["utilisation"] = round(r["achieved_gflops"] * 1e9 / peak, 3)
         res["methods"][m] = r
+    if any(m in ("style", "confeti") for m in res["methods"]):
+        cut = res["cut_iteration"] = bench_cut(cfg, device, repeats)
+        cut["utilisation"] = round(cut["achieved_gflops"] * 1e9 / peak, 3)
     if data is not None:
         res["loader"] = bench_loader(cfg, data)
         slowest = min(r["images_per_sec"] for r in res["methods"].values())

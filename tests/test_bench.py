@@ -9,6 +9,8 @@ def test_bench_reports_every_method_and_phase(toy):
     res = run_bench(smoke(), device="cpu", repeats=1, data=toy)
     assert res["matmul_peak_gflops"] > 0 and res["conv_peak_gflops"] > 0
     assert res["peak_gflops"] == max(res["matmul_peak_gflops"], res["conv_peak_gflops"])
+    cut = res["cut_iteration"]
+    assert cut["sec_per_iter"] > 0 and cut["gflop_per_iter"] > 0 and cut["utilisation"] > 0
     loader = res["loader"]
     assert loader["images_per_sec"] > 0 and loader["sec_per_batch"] > 0
     assert loader["vs_slowest_method"] > 0
