@@ -46,35 +46,33 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def matmul_peak(device, dtype=torch.float32, n: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of an n x n matmul: the machine's practical peak at ``dtype``."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    a @ b
+def _times(fn, device, repeats: int, warmup: int = 1) -> list[float]:
+    """Wall seconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones (GPU synced)."""
+    for _ in range(warmup):
+        fn()
     _sync(device)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        a @ b
+        fn()
         _sync(device)
         times.append(time.perf_counter() - t0)
-    return 2 * n**3 / min(times)
+    return times
+
+
+def matmul_peak(device, dtype=torch.float32, n: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of an n x n matmul: the machine's practical peak at ``dtype``."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n**3 / min(_times(lambda: a @ b, device, repeats))
 
 
 def conv_peak(device, dtype=torch.float32, channels: int = 512, size: int = 32, repeats=5):
     """FLOP/s of a large 3x3 convolution (batch 8, ``channels`` in and out, size x size)."""
     x = torch.randn(8, channels, size, size, device=device, dtype=dtype)
     w = torch.randn(channels, channels, 3, 3, device=device, dtype=dtype)
-    conv = torch.nn.functional.conv2d
-    conv(x, w, padding=1)
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        conv(x, w, padding=1)
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return 2 * 8 * size * size * channels * channels * 9 / min(times)
+    sec = min(_times(lambda: torch.nn.functional.conv2d(x, w, padding=1), device, repeats))
+    return 2 * 8 * size * size * channels * channels * 9 / sec
 
 
 def bench_loader(cfg: Config, data_root, batches: int = 20) -> dict:
@@ -168,14 +166,7 @@ def bench_cut(cfg: Config, device, repeats: int = 5) -> dict:
     setup_device(state, cfg, device)
     batch = to_device(synthetic_batch(cfg, device), device, cfg.channels_last)
     x_s, x_t = batch["x_s"], batch["x_t"]
-    for _ in range(3):
-        state.style.pretrain_step(x_s, x_t)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        state.style.pretrain_step(x_s, x_t)
-        _sync(device)
-        times.append(time.perf_counter() - t0)
+    times = _times(lambda: state.style.pretrain_step(x_s, x_t), device, repeats, warmup=3)
     with FlopCounterMode(display=False) as fc:
         state.style.pretrain_step(x_s, x_t)
     sec = statistics.median(times)

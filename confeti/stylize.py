@@ -135,12 +135,7 @@ class Generator(nn.Module):
         (so PatchNCE keys need no second encoder pass). Shape: -> (B, 3, H, W)[, feats]."""
         if layers is None:
             return self.model(x)
-        layers, feats = self.check_layers(layers), {}
-        for i, layer in enumerate(self.model):
-            x = layer(x)
-            if i in layers:
-                feats[i] = x.clone() if i in self._overwritten else x
-        return x, [feats[i] for i in layers]
+        return self._walk(x, layers, len(self.model))
 
     def check_layers(self, layers) -> list[int]:
         valid = range(self.n_encoder)
@@ -160,12 +155,16 @@ class Generator(nn.Module):
         Shape: (B, 3, H, W) -> list of (B, C_l, H_l, W_l).
         """
         layers = self.check_layers(layers)
-        out = {}
-        for i, layer in enumerate(self.model[: max(layers) + 1]):
+        return self._walk(x, layers, max(layers) + 1)[1]
+
+    def _walk(self, x, layers, stop: int):
+        """Run layers 0 .. stop-1; return the last output and the outputs at ``layers``."""
+        layers, feats = self.check_layers(layers), {}
+        for i, layer in enumerate(self.model[:stop]):
             x = layer(x)
             if i in layers:
-                out[i] = x.clone() if i in self._overwritten else x
-        return [out[i] for i in layers]
+                feats[i] = x.clone() if i in self._overwritten else x
+        return x, [feats[i] for i in layers]
 
 
 class Discriminator(nn.Module):
