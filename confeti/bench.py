@@ -1,8 +1,9 @@
 """``python -m confeti bench --preset P``: speed, memory and utilisation of one training iteration.
 
-For each method: seconds per iteration (median of ``repeats`` after three warm-up iterations), images/s
-(source + target crops), peak memory (CPU: the process's max RSS so far; GPU: max allocated), and
-for CONFETI the split of one iteration into phases (``train._mark``). Utilisation = achieved
+For each method: seconds per iteration (median of ``repeats`` after three warm-up iterations),
+images/s (source + target crops), peak memory (CPU: the process's max RSS so far; GPU: max
+allocated), and for CONFETI the split of one iteration into phases (``train._mark``); the
+standalone CUT iteration the same way (``cut_iteration``). Utilisation = achieved
 FLOP/s of the iteration (``torch.utils.flop_counter``) / the machine's peak at the same dtype,
 the faster of a large matmul and a large convolution (on AMD CPUs oneDNN's convolutions run
 about twice as fast as MKL's matmul, so the matmul alone would flatter the utilisation).
