@@ -128,7 +128,9 @@ def _cmd_eval(a) -> None:
         state.student, ds, cfg, next(state.parameters()).device, max_images=a.max_images
     )
     res["split"] = a.split if a.domain == "target" else "source"
-    out = Path(a.out) if a.out else Path(a.ckpt).parent / "eval.json"
+    # the run's own eval.json is the target val score; other sets get their own file
+    name = "eval.json" if res["split"] == "val" else f"eval_{res['split']}.json"
+    out = Path(a.out) if a.out else Path(a.ckpt).parent / name
     out.write_text(json.dumps(res, indent=2))
     print(format_table(res))
     print(f"wrote {out}")

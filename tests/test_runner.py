@@ -85,6 +85,11 @@ def test_cli_train_and_eval(toy, tmp_path, capsys):
     )
     main(["eval", "--ckpt", str(run / "checkpoint.pt"), "--data", str(toy)])
     assert "road" in capsys.readouterr().out
+    val = (run / "eval.json").read_text()
+    # another evaluation set must not overwrite the run's own (target val) eval.json
+    main(["eval", "--ckpt", str(run / "checkpoint.pt"), "--data", str(toy), "--domain", "source"])
+    assert (run / "eval.json").read_text() == val
+    assert '"split": "source"' in (run / "eval_source.json").read_text()
     with pytest.raises(SystemExit, match="choose one of"):
         main(
             [
