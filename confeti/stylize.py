@@ -135,7 +135,7 @@ class Generator(nn.Module):
         (so PatchNCE keys need no second encoder pass). Shape: -> (B, 3, H, W)[, feats]."""
         if layers is None:
             return self.model(x)
-        return self._walk(x, layers, len(self.model))
+        return self._walk(x, self.check_layers(layers), len(self.model))
 
     def check_layers(self, layers) -> list[int]:
         valid = range(self.n_encoder)
@@ -157,9 +157,9 @@ class Generator(nn.Module):
         layers = self.check_layers(layers)
         return self._walk(x, layers, max(layers) + 1)[1]
 
-    def _walk(self, x, layers, stop: int):
-        """Run layers 0 .. stop-1; return the last output and the outputs at ``layers``."""
-        layers, feats = self.check_layers(layers), {}
+    def _walk(self, x, layers: list[int], stop: int):
+        """Run layers 0 .. stop-1; return the last output and the outputs at (checked) ``layers``."""
+        feats = {}
         for i, layer in enumerate(self.model[:stop]):
             x = layer(x)
             if i in layers:
@@ -360,8 +360,7 @@ class StyleTransfer(nn.Module):
             # as in the official code (nce_idt): identity NCE on G(x_t); keys of x_t from this pass
             idt, tgt_feats = self.G(tgt, self.nce_layers)
             loss_gan = self.lambda_gan * lsgan_loss(self.D(fake), True)
-            tgt_keys = [f.detach() for f in tgt_feats]
-            loss_nce = 0.5 * (self._nce(src, fake, src_feats) + self._nce(tgt, idt, tgt_keys))
+            loss_nce = 0.5 * (self._nce(src, fake, src_feats) + self._nce(tgt, idt, tgt_feats))
             loss_g = loss_gan + loss_nce
             total = loss_g if extra_loss is None else loss_g + extra_loss
             self._step(total, ["G", "F"], scaler)
