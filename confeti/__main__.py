@@ -1,4 +1,5 @@
-"""Command line: ``python -m confeti {data,train,eval,ablation,figures,bench,reproduce}``.
+"""Command line: ``python -m confeti {data,train,eval,ablation,figures,bench,reproduce}``
+(``data toy`` generates ToyStreets, ``data check`` verifies a data folder).
 
 The only place that reads ``sys.argv``; every command calls a package function.
 """
@@ -84,10 +85,17 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_data(a) -> None:
+    if a.name == "check":
+        return _cmd_data_check(a)
     from .toystreets import write_toystreets
 
     if a.name != "toy":
-        raise SystemExit(f"unknown data set {a.name!r}; only 'toy' can be generated")
+        raise SystemExit(
+            f"unknown data command {a.name!r}: 'toy' generates ToyStreets (--out DIR), "
+            "'check' verifies a data folder (--data DIR)"
+        )
+    if a.out is None:
+        raise SystemExit("data toy: --out DIR is required (where to write ToyStreets)")
     summary = write_toystreets(
         a.out,
         n_source=a.n_source,
@@ -102,13 +110,28 @@ def _cmd_data(a) -> None:
     print(json.dumps(summary, indent=2, default=str))
 
 
+def _cmd_data_check(a) -> None:
+    from .datacheck import check_folder
+
+    if a.data is None:
+        raise SystemExit("data check: --data DIR is required (the folder holding gta5/, cityscapes/ ...)")  # fmt: skip
+    reports = check_folder(a.data)
+    for r in reports:
+        print(r.describe())
+    bad = sum(len(r.bad) for r in reports)
+    print(f"{sum(r.pairs for r in reports)} pairs checked, {bad} damaged file(s)")
+    if bad:
+        sys.exit(1)
+
+
 def _cmd_train(a) -> None:
     from .runner import train
 
     if a.method not in METHODS:
         raise SystemExit(f"unknown method {a.method!r}; choose one of {', '.join(METHODS)}")
     cfg = build_config(a.preset, a.iters, a.seed, a.set)
-    train(cfg, a.method, a.data, a.out, resume=a.resume, overwrite=a.overwrite, device=a.device)
+    train(cfg, a.method, a.data, a.out, resume=a.resume, overwrite=a.overwrite, device=a.device,
+          data_check=not a.skip_data_check)  # fmt: skip
 
 
 def _cmd_eval(a) -> None:
@@ -170,9 +193,12 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m confeti", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
 
-    p = sub.add_parser("data", help="generate the ToyStreets benchmark")
-    p.add_argument("name", help="'toy'")
-    p.add_argument("--out", required=True)
+    p = sub.add_parser(
+        "data", help="'data toy --out DIR' generates ToyStreets; 'data check --data DIR' verifies"
+    )
+    p.add_argument("name", help="'toy' (generate) or 'check' (decode and verify every file)")
+    p.add_argument("--out", default=None, help="data toy: where to write ToyStreets")
+    p.add_argument("--data", default=None, help="data check: the folder to verify")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-source", type=int, default=2000)
     p.add_argument("--n-target-train", type=int, default=1000)
@@ -190,6 +216,11 @@ def main(argv=None) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--overwrite", action="store_true", help="replace the run in --out")
+    p.add_argument(
+        "--skip-data-check",
+        action="store_true",
+        help="do not decode every image and label before training (file headers only)",
+    )
     p.set_defaults(fn=_cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint")
@@ -239,8 +270,8 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
     try:
         a.fn(a)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    except KeyboardInterrupt as e:  # runner.Interrupted carries 128 + the signal number
+        sys.exit(getattr(e, "exit_code", 130))
     except (ValueError, RuntimeError, FileNotFoundError, FloatingPointError) as e:
         sys.exit(f"error: {e}")
 

@@ -23,8 +23,12 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read or does not fit the model."""
 
 
-def save_atomic(obj, path: str | Path) -> None:
-    """``torch.save`` to ``path`` atomically (temp file + fsync + rename)."""
+def save_atomic(obj, path: str | Path, before_replace=None) -> None:
+    """``torch.save`` to ``path`` atomically (temp file + fsync + rename).
+
+    ``before_replace``: called once the temporary file is complete, just before the rename (the
+    runner's fault-injection hook pauses there).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -33,6 +37,8 @@ def save_atomic(obj, path: str | Path) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        if before_replace is not None:
+            before_replace()
         os.replace(tmp, path)
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:

@@ -13,6 +13,7 @@ Shape: ``dataset[i]`` -> (image float32 (3, H, W), label int64 (H, W) in 0..18 o
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +77,7 @@ class _SegDataset(torch.utils.data.Dataset):
 
     LAYOUT = ""
     SPLITS = False  # whether ``split`` selects a sub-folder (Cityscapes) or is ignored
+    LEGAL_IDS: frozenset[int] = frozenset(range(34))  # label ids a label file may hold
 
     @property
     def stats_path(self) -> Path:
@@ -97,8 +99,18 @@ class _SegDataset(torch.utils.data.Dataset):
     def _find_pairs(self) -> list[tuple[Path, Path]]:
         raise NotImplementedError
 
-    def _label_to_train_id(self, path: Path) -> np.ndarray:
+    @staticmethod
+    def read_label_ids(path: Path) -> np.ndarray:
+        """The label file's raw ids, fully decoded. Shape: -> (H, W) integer."""
         raise NotImplementedError
+
+    @staticmethod
+    def to_train_id(ids: np.ndarray) -> np.ndarray:
+        """Raw label ids -> train ids (0..18, 255). Shape: any -> same."""
+        return id_to_train_id(ids)
+
+    def _label_to_train_id(self, path: Path) -> np.ndarray:
+        return self.to_train_id(self.read_label_ids(path))
 
     def _need_dir(self, path: Path) -> Path:
         if not path.is_dir():
@@ -116,7 +128,9 @@ class _SegDataset(torch.utils.data.Dataset):
         return [(images[k], labels[k]) for k in sorted(images)]
 
     def check(self) -> None:
-        """Validate every pair from the PNG headers only (sizes, readability); no decoding."""
+        """Validate every pair from the PNG headers only (sizes, readability); no decoding.
+
+        The full decode of every file (truncation, label values) is ``datacheck.verify``."""
         bar = tqdm(self.pairs, desc=f"checking {self.root}", leave=False,
                    disable=len(self.pairs) < 2000)  # fmt: skip
         for img, lab in bar:
@@ -215,10 +229,12 @@ class GTA5Dataset(_SegDataset):
         labels = {p.stem: p for p in lab_dir.glob("*.png")}
         return self._pair(images, labels, img_dir, lab_dir)
 
-    def _label_to_train_id(self, path):
+    @staticmethod
+    def read_label_ids(path):
         with Image.open(path) as im:  # "P" (or "L"): the pixel values are the label ids
-            ids = np.asarray(im if im.mode in ("P", "L") else im.convert("L"))
-        return id_to_train_id(ids)
+            if im.mode not in ("P", "L"):
+                raise DatasetError(f"label mode {im.mode}, expected a palette or grayscale PNG of label ids")  # fmt: skip
+            return np.asarray(im)
 
 
 class CityscapesDataset(_SegDataset):
@@ -243,18 +259,24 @@ class CityscapesDataset(_SegDataset):
         }
         return self._pair(images, labels, img_dir, lab_dir)
 
-    def _label_to_train_id(self, path):
+    @staticmethod
+    def read_label_ids(path):
         with Image.open(path) as im:
-            return id_to_train_id(np.asarray(im))
+            ids = np.asarray(im)
+        if ids.ndim != 2:
+            raise DatasetError(f"label has shape {ids.shape}, expected one channel of label ids")
+        return ids
 
 
 class SynthiaDataset(_SegDataset):
     """SYNTHIA RAND_CITYSCAPES: ``RGB/*.png`` + ``GT/LABELS/*.png``.
 
-    The labels are 16-bit PNGs (RGB or RGBA); the class id is the first channel, mapped to
-    train ids with ``synthia_to_train_id`` (SYNTHIA has no terrain, truck or train: 255).
-    ``split`` is ignored.
+    The labels are 16-bit PNGs (RGB or RGBA); the class id (0..22) is the first channel, mapped
+    to train ids with ``synthia_to_train_id`` (DAFormer's conversion: SYNTHIA's terrain, truck and
+    train ids map to those train ids, and the 16-class evaluation drops them). ``split`` is ignored.
     """
+
+    LEGAL_IDS = frozenset(range(23))
 
     LAYOUT = (
         "  ROOT/RGB/0000000.png\n  ROOT/GT/LABELS/0000000.png  (16-bit PNG, class id in channel 0)"
@@ -275,9 +297,17 @@ class SynthiaDataset(_SegDataset):
             if depth != 16:
                 raise _layout_error(f"label has bit depth {depth}, expected a 16-bit PNG", lab, self.LAYOUT)  # fmt: skip
 
-    def _label_to_train_id(self, path):
+    @staticmethod
+    def read_label_ids(path):
+        depth = png_bit_depth(path)
+        if depth != 16:
+            raise DatasetError(f"label is {depth}-bit, expected a 16-bit PNG")
         raw = read_png16(path)
-        return synthia_to_train_id(raw if raw.ndim == 2 else raw[..., 0])
+        return raw if raw.ndim == 2 else raw[..., 0]
+
+    @staticmethod
+    def to_train_id(ids):
+        return synthia_to_train_id(ids)
 
 
 def png_bit_depth(path) -> int:
@@ -308,8 +338,10 @@ def cached_class_stats(dataset: _SegDataset) -> list[dict[int, int]]:
         if cached.get("files") == files:
             return [{int(k): v for k, v in d.items()} for d in cached["stats"]]
     stats = class_pixel_counts(dataset)
-    try:
-        path.write_text(json.dumps({"files": files, "stats": stats}))
+    try:  # atomically: a half-written file is never read by a second process
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"files": files, "stats": stats}))
+        os.replace(tmp, path)
     except OSError:  # a read-only dataset folder: keep the stats in memory only
         pass
     return stats

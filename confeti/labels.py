@@ -1,8 +1,9 @@
 """The 19 Cityscapes train classes, their palette and the label-id conversions.
 
 Taught in notebooks/01_data.ipynb. The official Cityscapes label table comes from
-``cityscapesscripts.helpers.labels``; SYNTHIA's own ids are mapped here (SYNTHIA has no
-terrain, truck or train).
+``cityscapesscripts.helpers.labels``; SYNTHIA's own ids are mapped here as DAFormer's
+SYNTHIA conversion script does (all 19 classes; SYNTHIA's terrain, truck and train are rare, and
+the 16- and 13-class evaluations of SYNTHIA -> Cityscapes leave terrain, truck and train out).
 
 Shape: every converter maps an integer array of any shape to an array of the same shape.
 """
@@ -39,7 +40,9 @@ LABEL_ID_OF_TRAIN_ID: np.ndarray = np.array(
     dtype=np.uint8,
 )  # (19,) the Cityscapes label id written for each train id
 
-# SYNTHIA (RAND_CITYSCAPES) class id -> Cityscapes train id (as DAFormer's convert script).
+# SYNTHIA (RAND_CITYSCAPES) class id -> Cityscapes train id, the table of DAFormer's
+# tools/convert_datasets/synthia.py; ids not listed (0 void, 13 parking-slot, 14 road-work,
+# 22 lane-marking) -> 255.
 SYNTHIA_TO_TRAIN_ID: dict[int, int] = {
     3: 0,  # road
     4: 1,  # sidewalk
@@ -50,11 +53,14 @@ SYNTHIA_TO_TRAIN_ID: dict[int, int] = {
     15: 6,  # traffic light
     9: 7,  # traffic sign
     6: 8,  # vegetation
+    16: 9,  # terrain
     1: 10,  # sky
     10: 11,  # person
     17: 12,  # rider
     8: 13,  # car
+    18: 14,  # truck
     19: 15,  # bus
+    20: 16,  # train
     12: 17,  # motorcycle
     11: 18,  # bicycle
 }

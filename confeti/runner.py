@@ -8,6 +8,16 @@ tests/test_reliability.py):
   at iteration t continues bit-for-bit on CPU.
 - ``checkpoint.pt`` is written atomically every ``ckpt_every`` iterations, on Ctrl-C and at the
   end; a NaN/Inf loss stops the run, naming the loss and iteration, without overwriting it.
+- Ctrl-C (SIGINT) or SIGTERM during training finishes the iteration under way, saves the
+  checkpoint and exits with 130 (SIGTERM: 143); a second Ctrl-C stops at once and leaves the
+  previous checkpoint, never half of one. Ctrl-C during the final evaluation writes no
+  ``eval.json`` (the run never reports success after an interrupt); ``--resume`` evaluates.
+- Every image and label is decoded once before the first iteration (``datacheck.verify``,
+  cached); a file that still fails to decode mid-run stops the run with its name, after saving
+  the checkpoint of the last finished iteration, so ``--resume`` works once the file is fixed.
+- ``CONFETI_PAUSE_AT=N`` (or ``ckpt:N``) makes the process sleep after iteration N (or inside
+  the checkpoint write of iteration N) after creating ``OUT/.paused``: fault-injection tests
+  kill it there, at a point they choose, instead of after a guessed delay.
 - Phases of one run: (0) standalone CUT pre-training for ``style_pretrain_iters``; (1) the method
   for ``iters``; (2) for ``schedule="two_stage"`` CONFETI, the segmentor is re-initialised and trained
   for ``iters`` more with G frozen (the official code's second stage).
@@ -21,7 +31,9 @@ from __future__ import annotations
 import json
 import os
 import resource
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +45,14 @@ from tqdm.auto import tqdm
 
 from .checkpoint import load_checkpoint, load_state_checked, save_atomic
 from .config import Config
-from .datasets import CityscapesDataset, GTA5Dataset, RareClassSampler, SynthiaDataset
+from .datacheck import raise_if_bad, verify
+from .datasets import (
+    CityscapesDataset,
+    DatasetError,
+    GTA5Dataset,
+    RareClassSampler,
+    SynthiaDataset,
+)
 from .metrics import evaluate, format_table, summarize
 from .train import TrainState, check_finite, parts_of, setup_device, train_step
 
@@ -42,6 +61,68 @@ CKPT = "checkpoint.pt"
 
 class RunError(RuntimeError):
     """A run that cannot start: bad options, an occupied output folder."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by a signal; ``exit_code`` is 128 + the signal number."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT):
+        super().__init__(message)
+        self.exit_code = 128 + int(signum)
+
+
+class StopRequest:
+    """SIGINT/SIGTERM while ``deferring``: remember it and let the iteration finish.
+
+    Outside ``deferring`` (setup, data check, final evaluation) and on a second signal, the
+    signal raises ``KeyboardInterrupt`` at once, as Python's default handler does. A no-op when
+    not called from the main thread (signal handlers can only be set there).
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.deferring = False
+        self._old = {}
+
+    def _handle(self, signum, frame):
+        if self.deferring and self.signum is None:
+            self.signum = signum
+            return
+        raise KeyboardInterrupt
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, old in self._old.items():
+            signal.signal(s, old)
+        self._old.clear()
+        return False
+
+    def agreed(self, world: int, device) -> int | None:
+        """The signal to stop on, the same on every rank (any rank's signal stops all)."""
+        if world == 1:
+            return self.signum
+        flag = torch.tensor([float(self.signum or 0)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item()) or None
+
+
+def _pause_if_asked(where: str, t: int, out: Path) -> None:
+    """Fault-injection hook: ``CONFETI_PAUSE_AT=N`` / ``ckpt:N`` sleeps here until killed."""
+    want = os.environ.get("CONFETI_PAUSE_AT")
+    if not want:
+        return
+    kind, _, n = want.rpartition(":")
+    if (kind or "iter") == where and int(n) == t:
+        (out / ".paused").write_text(f"{where}:{t}\n")
+        while True:
+            time.sleep(3600)
 
 
 # ---- devices and distributed ------------------------------------------------------------------
@@ -108,6 +189,7 @@ def rank_checksums(state) -> list[list[float]]:
             float(state.protos.protos.double().sum()),
         ],
         dtype=torch.float64,
+        device=state.protos.protos.device,  # NCCL gathers device tensors only
     )
     out = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
     dist.all_gather(out, mine)
@@ -145,18 +227,29 @@ class Data:
     rcs: RareClassSampler | None
 
 
-def build_data(cfg: Config, root: str | Path, method: str) -> Data:
-    """Source (GTA5 or SYNTHIA layout), target train and target val under ``root``."""
+def build_data(
+    cfg: Config, root: str | Path, method: str, data_check: bool = True, progress: bool = True
+) -> Data:
+    """Source (GTA5 or SYNTHIA layout), target train and target val under ``root``.
+
+    ``data_check``: decode every image and label first (``datacheck.verify``, cached per file)
+    and refuse the folder, naming every damaged file; otherwise only the file headers are read.
+    """
     root = Path(root)
     if not root.is_dir():
         raise RunError(
             f"--data {root} is not a folder (expected {root}/gta5 and {root}/cityscapes)"
         )
-    kw = dict(crop_size=cfg.crop_size, flip=True, cat_max_ratio=cfg.cat_max_ratio)
+    kw = dict(crop_size=cfg.crop_size, flip=True, cat_max_ratio=cfg.cat_max_ratio, check=False)
     src_cls = {"gta5": GTA5Dataset, "synthia": SynthiaDataset}[cfg.source]
     source = src_cls(root / cfg.source, resize=cfg.source_resize, **kw)
     target = CityscapesDataset(root / "cityscapes", split="train", resize=cfg.target_resize, **kw)
-    val = CityscapesDataset(root / "cityscapes", split="val", resize=None, crop_size=None)
+    val = CityscapesDataset(root / "cityscapes", split="val", resize=None, crop_size=None, check=False)  # fmt: skip
+    if data_check:
+        raise_if_bad([verify(ds, progress=progress) for ds in (source, target, val)])
+    else:
+        for ds in (source, target, val):
+            ds.check()
     for name, ds in (("source", source), ("target", target)):
         h, w = ds.image_size(0)
         if cfg.crop_size[0] > h or cfg.crop_size[1] > w:
@@ -336,8 +429,18 @@ def train(
     overwrite=False,
     device=None,
     progress=True,
+    data_check=True,
 ) -> dict:
-    """Train ``method`` with ``cfg`` on the folders under ``data``; write the run into ``out``."""
+    """Train ``method`` with ``cfg`` on the folders under ``data``; write the run into ``out``.
+
+    ``data_check=False`` skips the full decode of every file before training (headers only).
+    """
+    with StopRequest() as stop:
+        return _train(cfg, method, data, out, stop, resume=resume, overwrite=overwrite,
+                      device=device, progress=progress, data_check=data_check)  # fmt: skip
+
+
+def _train(cfg, method, data, out, stop, *, resume, overwrite, device, progress, data_check):
     cfg.validate()
     parts = parts_of(method)
     device = resolve_device(device)
@@ -345,7 +448,7 @@ def train(
     out = Path(out)
     if rank == 0:
         _prepare_out(out, cfg, method, resume, overwrite)
-    d = build_data(cfg, data, method)
+    d = build_data(cfg, data, method, data_check=data_check, progress=progress and rank == 0)
     if parts.oracle and len(d.target) == 0:
         raise RunError("--method oracle needs labelled target images (cityscapes/gtFine/train)")
     torch.manual_seed(cfg.seed)
@@ -369,8 +472,24 @@ def train(
         kept = [ln for ln in lines if ln and json.loads(ln)["iter"] <= start]
         metrics_path.write_text("".join(ln + "\n" for ln in kept))
 
-    t0, t = time.time(), start
+    if rank == 0:
+        for stale in out.glob(f".{CKPT}.*.tmp"):  # left by a process killed while saving
+            stale.unlink(missing_ok=True)
+        if start < total:  # results of an earlier, unfinished or replaced run are not ours
+            for name in ("eval.json", "summary.json"):
+                (out / name).unlink(missing_ok=True)
+
+    def save(t: int) -> None:
+        if rank == 0:
+            save_atomic(
+                _checkpoint(state, t),
+                ck_path,
+                before_replace=lambda: _pause_if_asked("ckpt", t, out),
+            )
+
+    t0, t, saved = time.time(), start, start
     bar = tqdm(total=total, initial=start, desc=f"{method}", disable=not progress or rank > 0)
+    stop.deferring = True
     try:
         for name, p_start, p_stop in plan:
             if t >= p_stop:
@@ -379,6 +498,8 @@ def train(
                 _start_stage2(state, cfg, device)
             stream = BatchStream(d, cfg, t, p_stop, rank, parts.oracle)
             for batch in stream:
+                if (signum := stop.agreed(world, device)) is not None:
+                    raise Interrupted(f"signal {signal.Signals(signum).name}", signum)
                 torch.manual_seed(_mix_seed(cfg.seed, rank, t, 7))
                 batch = to_device(batch, device, cfg.channels_last)
                 if name == "style_pretrain":
@@ -401,32 +522,56 @@ def train(
                     with metrics_path.open("a") as f:
                         f.write(json.dumps(row) + "\n")
                     bar.set_postfix({k: f"{v:.3f}" for k, v in list(logs.items())[:3]})
-                if rank == 0 and (t % cfg.ckpt_every == 0 or t == total):
-                    save_atomic(_checkpoint(state, t), ck_path)
+                if t % cfg.ckpt_every == 0 or t == total:
+                    save(t)
+                    saved = t
                 if rank == 0 and t % cfg.eval_every == 0 and t < total:
                     ev = evaluate_model(state.student, d.val, cfg, device, progress=False)
                     with metrics_path.open("a") as f:
                         f.write(json.dumps({"iter": t, "phase": "eval", "miou": ev["miou"]}) + "\n")
-    except KeyboardInterrupt:
-        if rank == 0 and t > start:
-            save_atomic(_checkpoint(state, t), ck_path)
-            print(
-                f"\ninterrupted at iteration {t}: checkpoint saved to {ck_path}; "
-                "rerun with --resume",
-                file=sys.stderr,
+                if rank == 0:
+                    _pause_if_asked("iter", t, out)
+        if (signum := stop.agreed(world, device)) is not None:  # a signal during the last one
+            raise Interrupted(f"signal {signal.Signals(signum).name}", signum)
+    except KeyboardInterrupt as e:
+        stop.deferring = False
+        if t > saved:  # a second Ctrl-C inside this write stops it; the old file stays whole
+            save(t)
+        if rank == 0:
+            where = (
+                f"checkpoint of iteration {t} in {ck_path}" if t > start else "no new checkpoint"
             )
-        raise
+            print(f"\ninterrupted at iteration {t}: {where}; rerun with --resume", file=sys.stderr)
+        if isinstance(e, Interrupted):
+            raise
+        raise Interrupted("interrupted") from None
     except FloatingPointError as e:
         raise FloatingPointError(
             f"{e} (iteration {t}); the last good checkpoint {ck_path} was kept"
         ) from None
+    except DatasetError as e:  # a file that changed on disk after the data check
+        if t > saved:
+            save(t)
+        raise DatasetError(
+            f"{e}\nwhile loading the batch of iteration {t + 1}: the checkpoint of iteration "
+            f"{t} is in {ck_path}; fix or replace the file, then rerun with --resume"
+        ) from None
     finally:
+        stop.deferring = False
         bar.close()
     seconds = time.time() - t0
     result = {}
     checksums = rank_checksums(state) if world > 1 else None
     if rank == 0:
-        result = evaluate_model(state.student, d.val, cfg, device, progress=progress)
+        try:
+            result = evaluate_model(state.student, d.val, cfg, device, progress=progress)
+        except KeyboardInterrupt:
+            print(
+                f"\ninterrupted during the final evaluation: no eval.json written; the checkpoint "
+                f"of iteration {t} in {ck_path} is complete, rerun with --resume to evaluate it",
+                file=sys.stderr,
+            )
+            raise Interrupted("interrupted during the final evaluation") from None
         result["split"] = "val"
         (out / "eval.json").write_text(json.dumps(result, indent=2))
         summary = {

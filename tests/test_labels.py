@@ -26,6 +26,21 @@ def test_synthia_subsets_and_map():
     assert L.synthia_to_train_id(np.array([3, 8, 0, 13])).tolist() == [0, 13, 255, 255]
 
 
+# DAFormer's tools/convert_datasets/synthia.py, SYNTHIA class id -> Cityscapes train id
+DAFORMER_SYNTHIA = {3: 0, 4: 1, 2: 2, 21: 3, 5: 4, 7: 5, 15: 6, 9: 7, 6: 8, 16: 9, 1: 10,
+                    10: 11, 17: 12, 8: 13, 18: 14, 19: 15, 20: 16, 12: 17, 11: 18}  # fmt: skip
+
+
+def test_synthia_table_is_daformers_whole():
+    assert L.SYNTHIA_TO_TRAIN_ID == DAFORMER_SYNTHIA
+    ids = np.arange(0, 300)
+    want = [DAFORMER_SYNTHIA.get(int(i), 255) for i in ids]
+    assert L.synthia_to_train_id(ids).tolist() == want
+    # every train class is reachable; the 16-class subset leaves out terrain, truck, train
+    assert sorted(DAFORMER_SYNTHIA.values()) == list(range(19))
+    assert set(range(19)) - set(L.SYNTHIA16) == {9, 14, 16}
+
+
 def test_colorize_and_resize_labels():
     rgb = L.colorize(np.array([[0, 255]]))
     assert rgb.shape == (1, 2, 3) and tuple(rgb[0, 0]) == (128, 64, 128) and rgb[0, 1].sum() == 0

@@ -50,26 +50,55 @@ def _final_weights(run):
     return torch.load(run / "checkpoint.pt", weights_only=True)["model"]
 
 
-def test_sigkill_then_resume_matches_an_uninterrupted_run(toy, tmp_path):
-    iters = 16
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    subprocess.run(
-        _cli(toy, tmp_path / "straight", iters), check=True, env=env, capture_output=True
-    )
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen(
-        _cli(toy, killed, iters), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    # kill at a random moment after the first checkpoint exists
-    deadline = time.time() + 60
-    while not (killed / "checkpoint.pt").exists() and time.time() < deadline:
+def _env(**extra):
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
+
+
+def _wait_for(proc, cond, what):
+    """Poll the run's files until ``cond()``; fail (never hang) if the process ends first.
+
+    No deadline on how fast the machine is: only on the process having stopped without it.
+    """
+    while not cond():
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended (code {proc.returncode}) before {what}")
         time.sleep(0.05)
-    time.sleep(np.random.default_rng().uniform(0, 0.5))
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    ck = torch.load(killed / "checkpoint.pt", weights_only=True)  # never half-written
-    assert 0 < ck["iteration"] <= iters
-    subprocess.run(_cli(toy, killed, iters, "--resume"), check=True, env=env, capture_output=True)
+
+
+def _log_iters(run):
+    path = run / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(ln)["iter"] for ln in path.read_text().splitlines() if ln.endswith("}")]
+
+
+def _run_until_paused(cmd, run, pause_at):
+    """Start the run, wait until it sleeps at ``pause_at`` (CONFETI_PAUSE_AT), SIGKILL it."""
+    proc = subprocess.Popen(cmd, env=_env(CONFETI_PAUSE_AT=pause_at),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        _wait_for(proc, (run / ".paused").exists, f"pausing at {pause_at}")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    (run / ".paused").unlink()
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run(toy, tmp_path):
+    """Killed between checkpoints, then killed inside a checkpoint write: resume is exact."""
+    iters = 16
+    cli = lambda out, *extra: _cli(toy, out, iters, "--set", "ckpt_every=4", *extra)  # noqa: E731
+    subprocess.run(cli(tmp_path / "straight"), check=True, env=_env(), capture_output=True)
+    killed = tmp_path / "killed"
+    _run_until_paused(cli(killed), killed, "10")  # after iteration 10; the checkpoint holds 8
+    assert torch.load(killed / "checkpoint.pt", weights_only=True)["iteration"] == 8
+    assert max(_log_iters(killed)) == 10
+    # resume, and kill while it writes the checkpoint of iteration 12 (temp file complete)
+    _run_until_paused(cli(killed, "--resume"), killed, "ckpt:12")
+    assert list(killed.glob(".checkpoint.pt.*.tmp"))  # the half-done write ...
+    assert torch.load(killed / "checkpoint.pt", weights_only=True)["iteration"] == 8  # ... kept 8
+    subprocess.run(cli(killed, "--resume"), check=True, env=_env(), capture_output=True)
+    assert not list(killed.glob(".checkpoint.pt.*.tmp"))
     a, b = _final_weights(tmp_path / "straight"), _final_weights(killed)
     assert all(torch.equal(a[k], b[k]) for k in a)
     ma = (tmp_path / "straight" / "metrics.jsonl").read_text()
@@ -79,25 +108,102 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(toy, tmp_path):
     )
 
 
-def test_ctrl_c_writes_a_checkpoint(toy, tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+def _interrupt_after_a_checkpoint(cmd, run, after=0):
+    """Start a run that cannot finish by itself; once it has saved a checkpoint past ``after``
+    and logged an iteration past that checkpoint, send SIGINT. Returns (code, stderr, logged)."""
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+    def ready():
+        if not (run / "checkpoint.pt").exists():
+            return False
+        ck = torch.load(run / "checkpoint.pt", weights_only=True)["iteration"]
+        return ck > after and max(_log_iters(run), default=0) > ck
+
+    try:
+        _wait_for(proc, ready, "a checkpoint and a later log line")
+        logged = max(_log_iters(run))
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, err, logged
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_continues(toy, tmp_path):
     run = tmp_path / "int"
-    proc = subprocess.Popen(
-        _cli(toy, run, 400, "--set", "ckpt_every=1000"),
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.time() + 60
-    while not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text():
-        assert time.time() < deadline
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130
-    assert "checkpoint saved" in err
-    assert torch.load(run / "checkpoint.pt", weights_only=True)["iteration"] > 0
+    cmd = _cli(toy, run, 100_000, "--set", "ckpt_every=3")  # cannot end on its own
+    code, err, logged = _interrupt_after_a_checkpoint(cmd, run)
+    assert code == 130, err[-2000:]
+    saved = torch.load(run / "checkpoint.pt", weights_only=True)["iteration"]
+    assert f"interrupted at iteration {saved}: checkpoint of iteration {saved}" in err
+    assert saved >= logged  # the iteration under way finished and was saved
+    assert not (run / "eval.json").exists()  # no success reported
+    code, err, _ = _interrupt_after_a_checkpoint(cmd + ["--resume"], run, after=saved)
+    assert code == 130, err[-2000:]
+    iters = _log_iters(run)
+    assert iters[saved - 1] == saved and iters[saved] == saved + 1  # continued from `saved`
+    assert iters == list(range(1, len(iters) + 1))  # and nothing twice, nothing skipped
+
+
+def _interrupt_inside(monkeypatch, what, at):
+    """Send SIGINT to this process from inside the checkpoint write of iteration ``at`` (when
+    the temp file is complete) or from inside the final evaluation: a real signal, a chosen
+    place."""
+    pid = os.getpid()
+    if what == "eval":
+
+        def fake_eval(*a, **k):  # noqa: E306
+            os.kill(pid, signal.SIGINT)
+            raise AssertionError("the evaluation was not interrupted")
+
+        monkeypatch.setattr(runner, "evaluate_model", fake_eval)
+        return
+    real = runner.save_atomic
+
+    def save(obj, path, before_replace=None):
+        def hook():
+            if obj["iteration"] == at:
+                for _ in range(what):  # 1: one Ctrl-C; 2: a second one inside the write
+                    os.kill(pid, signal.SIGINT)
+            if before_replace is not None:
+                before_replace()
+
+        real(obj, path, before_replace=hook)
+
+    monkeypatch.setattr(runner, "save_atomic", save)
+
+
+def test_ctrl_c_during_a_checkpoint_write(toy, tmp_path, monkeypatch):
+    """One Ctrl-C in the write: it completes, then the run stops. A second one: the write is
+    abandoned and the previous checkpoint stays, whole."""
+    cfg = build_config("smoke", iters=10, overrides=["ckpt_every=2"])
+    _interrupt_inside(monkeypatch, 1, at=4)
+    with pytest.raises(runner.Interrupted) as e:
+        train(cfg, "source_only", toy, tmp_path / "one", progress=False)
+    assert e.value.exit_code == 130
+    assert torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=True)["iteration"] == 4
+    _interrupt_inside(monkeypatch, 2, at=4)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, "source_only", toy, tmp_path / "two", progress=False)
+    assert torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True)["iteration"] == 2
+    assert not list((tmp_path / "two").glob(".checkpoint.pt.*"))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+
+
+def test_ctrl_c_during_the_final_evaluation_reports_no_success(toy, tmp_path, monkeypatch):
+    cfg = build_config("smoke", iters=4, overrides=["ckpt_every=100"])
+    run = tmp_path / "ev"
+    _interrupt_inside(monkeypatch, "eval", at=None)
+    with pytest.raises(runner.Interrupted, match="final evaluation"):
+        train(cfg, "source_only", toy, run, progress=False)
+    assert not (run / "eval.json").exists() and not (run / "summary.json").exists()
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["iteration"] == 4
+    monkeypatch.undo()
+    res = train(cfg, "source_only", toy, run, resume=True, progress=False)
+    assert json.loads((run / "eval.json").read_text())["miou"] == res["miou"]
+    assert json.loads((run / "summary.json").read_text())["iters_run"] == 0
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(toy, tmp_path, monkeypatch):

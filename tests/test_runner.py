@@ -117,10 +117,9 @@ def test_two_process_data_parallel_ranks_agree(toy, tmp_path):
         sys.executable,
         "-m",
         "torch.distributed.run",
+        "--standalone",  # a free port: two test runs on one machine never collide
         "--nproc_per_node",
         "2",
-        "--master_port",
-        "29517",
         "-m",
         "confeti",
         "train",
