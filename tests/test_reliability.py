@@ -72,6 +72,12 @@ def _log_iters(run):
     return [json.loads(ln)["iter"] for ln in path.read_text().splitlines() if ln.endswith("}")]
 
 
+def _default_sigint():
+    """In the child: Ctrl-C handled as by default, even where the test runner was started in
+    the background (``cmd &`` makes a shell ignore SIGINT, and children inherit that)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _run_until_paused(cmd, run, pause_at):
     """Start the run, wait until it sleeps at ``pause_at`` (CONFETI_PAUSE_AT), SIGKILL it."""
     proc = subprocess.Popen(cmd, env=_env(CONFETI_PAUSE_AT=pause_at),
@@ -111,8 +117,8 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(toy, tmp_path):
 def _interrupt_after_a_checkpoint(cmd, run, after=0):
     """Start a run that cannot finish by itself; once it has saved a checkpoint past ``after``
     and logged an iteration past that checkpoint, send SIGINT. Returns (code, stderr, logged)."""
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, preexec_fn=_default_sigint)  # fmt: skip
 
     def ready():
         if not (run / "checkpoint.pt").exists():
@@ -147,6 +153,14 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(toy, tmp_path):
     assert iters == list(range(1, len(iters) + 1))  # and nothing twice, nothing skipped
 
 
+@pytest.fixture
+def sigint_default():
+    """Python's own SIGINT handler for the test (it may run where SIGINT is ignored)."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
+
+
 def _interrupt_inside(monkeypatch, what, at):
     """Send SIGINT to this process from inside the checkpoint write of iteration ``at`` (when
     the temp file is complete) or from inside the final evaluation: a real signal, a chosen
@@ -175,7 +189,7 @@ def _interrupt_inside(monkeypatch, what, at):
     monkeypatch.setattr(runner, "save_atomic", save)
 
 
-def test_ctrl_c_during_a_checkpoint_write(toy, tmp_path, monkeypatch):
+def test_ctrl_c_during_a_checkpoint_write(toy, tmp_path, monkeypatch, sigint_default):
     """One Ctrl-C in the write: it completes, then the run stops. A second one: the write is
     abandoned and the previous checkpoint stays, whole."""
     cfg = build_config("smoke", iters=10, overrides=["ckpt_every=2"])
@@ -192,7 +206,9 @@ def test_ctrl_c_during_a_checkpoint_write(toy, tmp_path, monkeypatch):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
 
 
-def test_ctrl_c_during_the_final_evaluation_reports_no_success(toy, tmp_path, monkeypatch):
+def test_ctrl_c_during_the_final_evaluation_reports_no_success(
+    toy, tmp_path, monkeypatch, sigint_default
+):
     cfg = build_config("smoke", iters=4, overrides=["ckpt_every=100"])
     run = tmp_path / "ev"
     _interrupt_inside(monkeypatch, "eval", at=None)
