@@ -131,7 +131,7 @@ def _cmd_train(a) -> None:
         raise SystemExit(f"unknown method {a.method!r}; choose one of {', '.join(METHODS)}")
     cfg = build_config(a.preset, a.iters, a.seed, a.set)
     train(cfg, a.method, a.data, a.out, resume=a.resume, overwrite=a.overwrite, device=a.device,
-          data_check=not a.skip_data_check)  # fmt: skip
+          data_check=not a.skip_data_check, cut_cache=a.cut_cache)  # fmt: skip
 
 
 def _cmd_eval(a) -> None:
@@ -220,6 +220,13 @@ def main(argv=None) -> None:
         "--skip-data-check",
         action="store_true",
         help="do not decode every image and label before training (file headers only)",
+    )
+    p.add_argument(
+        "--cut-cache",
+        default=None,
+        metavar="DIR",
+        help="store phase 0 (CUT pre-training) in DIR, or load it from there when a run of the "
+        "same seed, data and CUT settings stored it (same results, phase 0 not trained again)",
     )
     p.set_defaults(fn=_cmd_train)
 

@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import load_checkpoint, load_state_checked, save_atomic
 from .config import Config
+from .cutcache import Phase0Cache
 from .datacheck import raise_if_bad, verify
 from .datasets import (
     CityscapesDataset,
@@ -431,17 +432,24 @@ def train(
     device=None,
     progress=True,
     data_check=True,
+    cut_cache=None,
 ) -> dict:
     """Train ``method`` with ``cfg`` on the folders under ``data``; write the run into ``out``.
 
     ``data_check=False`` skips the full decode of every file before training (headers only).
+    ``cut_cache``: a folder where phase 0 (the standalone CUT pre-training) is stored by the
+    first run of its seed, data and CUT settings and loaded by the next ones (``cutcache``):
+    the same results, without training phase 0 again. Single-process runs only.
     """
     with StopRequest() as stop:
         return _train(cfg, method, data, out, stop, resume=resume, overwrite=overwrite,
-                      device=device, progress=progress, data_check=data_check)  # fmt: skip
+                      device=device, progress=progress, data_check=data_check,
+                      cut_cache=cut_cache)  # fmt: skip
 
 
-def _train(cfg, method, data, out, stop, *, resume, overwrite, device, progress, data_check):
+def _train(
+    cfg, method, data, out, stop, *, resume, overwrite, device, progress, data_check, cut_cache
+):
     cfg.validate()
     parts = parts_of(method)
     device = resolve_device(device)
@@ -488,10 +496,51 @@ def _train(cfg, method, data, out, stop, *, resume, overwrite, device, progress,
                 before_replace=lambda: _pause_if_asked("ckpt", t, out),
             )
 
+    def log_row(t: int, name: str, logs: dict) -> None:
+        if rank == 0 and (t % cfg.log_every == 0 or t == total):
+            row = {
+                "iter": t,
+                "phase": name,
+                "lr": state.optimizer.param_groups[0]["lr"],
+                **{k: round(v, 6) for k, v in logs.items()},
+            }
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            bar.set_postfix({k: f"{v:.3f}" for k, v in list(logs.items())[:3]})
+
+    def eval_row(t: int) -> None:
+        if rank == 0 and t % cfg.eval_every == 0 and t < total:
+            ev = evaluate_model(state.student, d.val, cfg, device, progress=False)
+            with metrics_path.open("a") as f:
+                f.write(json.dumps({"iter": t, "phase": "eval", "miou": ev["miou"]}) + "\n")
+
+    cut, cut_status = None, None
+    phase0_stop = plan[0][2] if plan[0][0] == "style_pretrain" else 0
+    if cut_cache is not None and world == 1 and start < phase0_stop:
+        cut = Phase0Cache(cut_cache, cfg, data, device)
+
     t0, t, saved = time.time(), start, start
     bar = tqdm(total=total, initial=start, desc=f"{method}", disable=not progress or rank > 0)
     stop.deferring = True
     try:
+        if cut is not None:
+            stop.deferring = False  # waiting for another run's phase 0: Ctrl-C stops at once
+            cut.acquire()
+            stop.deferring = True
+            hit = cut.load()
+            if hit is not None:  # phase 0 as this run would train it: load, replay its rows
+                state.style.load_state_dict(hit["style"])
+                state.style.load_optim_state_dict(hit["style_optim"])
+                for i in range(t, cut.iters):
+                    log_row(i + 1, "style_pretrain", hit["logs"][i])
+                    eval_row(i + 1)
+                bar.update(cut.iters - t)
+                t = cut.iters
+                save(t)
+                saved, cut_status = t, "reused"
+            if hit is not None or t > 0:  # resumed inside phase 0: nothing complete to store
+                cut.release()
+                cut = None
         for name, p_start, p_stop in plan:
             if t >= p_stop:
                 continue
@@ -511,27 +560,21 @@ def _train(cfg, method, data, out, stop, *, resume, overwrite, device, progress,
                 else:
                     logs = train_step(state, batch, t - p_start, amp=amp)
                 check_finite(logs, t)
+                if cut is not None and name == "style_pretrain":
+                    cut.logs.append(logs)
                 t += 1
                 bar.update(1)
-                if rank == 0 and (t % cfg.log_every == 0 or t == total):
-                    row = {
-                        "iter": t,
-                        "phase": name,
-                        "lr": state.optimizer.param_groups[0]["lr"],
-                        **{k: round(v, 6) for k, v in logs.items()},
-                    }
-                    with metrics_path.open("a") as f:
-                        f.write(json.dumps(row) + "\n")
-                    bar.set_postfix({k: f"{v:.3f}" for k, v in list(logs.items())[:3]})
+                log_row(t, name, logs)
                 if t % cfg.ckpt_every == 0 or t == total:
                     save(t)
                     saved = t
-                if rank == 0 and t % cfg.eval_every == 0 and t < total:
-                    ev = evaluate_model(state.student, d.val, cfg, device, progress=False)
-                    with metrics_path.open("a") as f:
-                        f.write(json.dumps({"iter": t, "phase": "eval", "miou": ev["miou"]}) + "\n")
+                eval_row(t)
                 if rank == 0:
                     _pause_if_asked("iter", t, out)
+            if cut is not None and name == "style_pretrain":  # phase 0 done: store it, unlock
+                cut.store(state.style)
+                cut.release()
+                cut, cut_status = None, "stored"
         if (signum := stop.agreed(world, device)) is not None:  # a signal during the last one
             raise Interrupted(f"signal {signal.Signals(signum).name}", signum)
     except KeyboardInterrupt as e:
@@ -560,6 +603,8 @@ def _train(cfg, method, data, out, stop, *, resume, overwrite, device, progress,
     finally:
         stop.deferring = False
         bar.close()
+        if cut is not None:
+            cut.release()
     seconds = time.time() - t0
     result = {}
     checksums = rank_checksums(state) if world > 1 else None
@@ -584,6 +629,8 @@ def _train(cfg, method, data, out, stop, *, resume, overwrite, device, progress,
         }
         if checksums is not None:
             summary["world_size"], summary["rank_checksums"] = world, checksums
+        if cut_status is not None:
+            summary["cut_pretrain"] = cut_status  # phase 0 reused from / stored in cut_cache
         if device.type == "cuda":
             summary["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
