@@ -414,6 +414,7 @@ def _start_stage2(state: TrainState, cfg: Config, device) -> None:
     """Second stage of the official schedule: new segmentor from the initial weights, G frozen."""
     torch.manual_seed(cfg.seed)  # the same initial weights as stage 1
     fresh = TrainState(cfg, state.method, device)
+    setup_device(fresh, cfg, device)  # stage 1's memory format (its other settings are kept)
     for name in ("student", "teacher", "protos", "adapter"):
         setattr(state, name, getattr(fresh, name))
     state.optimizer = fresh.optimizer

@@ -374,3 +374,54 @@ def test_d_step_on_one_concatenated_batch_equals_two_passes():
         d_fake, d_real = st.D(to_cut_range(fake)), st.D(to_cut_range(x_t))
         want = 0.5 * (lsgan_loss(d_fake, False) + lsgan_loss(d_real, True))
     assert st.d_step(fake, x_t)["loss_D"] == pytest.approx(want.item(), rel=1e-5)
+
+
+def _cut_pass(st, x_s, x_t):
+    """G with keys, D on [fake; real], F and PatchNCE; one backward of GAN + NCE + D losses."""
+    x_s2t, keys = st.translate_with_keys(x_s)
+    torch.manual_seed(1)  # the same patch positions in both layouts
+    nce = st._nce(to_cut_range(x_s), to_cut_range(x_s2t), keys)
+    d = st.D(torch.cat([to_cut_range(x_s2t), to_cut_range(x_t)]).contiguous())
+    loss = nce + lsgan_loss(d[:2], True) + lsgan_loss(d[2:], False)
+    loss.backward()
+    grads = [[p.grad for p in net.parameters()] for net in (st.G, st.D, st.F)]
+    return [x_s2t, *keys, d, nce], grads
+
+
+def test_nchw_cut_modules_give_the_outputs_and_gradients_of_channels_last():
+    """G/D/F now stay NCHW while the segmentor is channels_last (setup_device); the old layout
+    (G/D/F weights channels_last, as setup_device did before) computes the same maths."""
+    torch.manual_seed(0)
+    new = StyleTransfer(**{**TINY, "num_patches": 16})
+    old = copy.deepcopy(new).to(memory_format=torch.channels_last)
+    x_s, x_t = (x.contiguous(memory_format=torch.channels_last) for x in _pair(h=32, w=64))
+    out_new, grads_new = _cut_pass(new, x_s, x_t)
+    out_old, grads_old = _cut_pass(old, x_s, x_t)
+    # G runs in NCHW, and hands its output back in the caller's layout (the segmentor's)
+    assert next(new.G.parameters()).is_contiguous()
+    assert out_new[0].is_contiguous(memory_format=torch.channels_last)
+    assert all(f.is_contiguous() for f in out_new[1:-1])
+    for a, b in zip(out_new, out_old):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    for net_new, net_old in zip(grads_new, grads_old):  # G, D, F
+        assert len(net_new) == len(net_old) and all(g is not None for g in net_new)
+        # biases before an instance norm have a zero gradient in exact arithmetic: their float
+        # noise is compared at the scale of the network's largest gradient
+        scale = max(float(g.abs().max()) for g in net_old)
+        for a, b in zip(net_new, net_old):
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_patch_sampler_gathers_the_same_patches_in_both_layouts():
+    torch.manual_seed(0)
+    F_ = PatchSampleMLP([3, 8], dim=16)
+    feats = [torch.randn(2, 3, 8, 16), torch.randn(2, 8, 4, 8)]
+    ids = [torch.randperm(128)[:10], torch.randperm(32)[:10]]
+    want, _ = F_(feats, 10, ids)
+    got, _ = F_([f.contiguous(memory_format=torch.channels_last) for f in feats], 10, ids)
+    for a, b in zip(want, got):
+        assert torch.equal(a, b)
+    # the same rows as the official permute-then-index (B, H·W, C)[:, idx]
+    flat = feats[1].permute(0, 2, 3, 1).flatten(1, 2)[:, ids[1]].flatten(0, 1)
+    z = F_.mlps[1](flat)
+    assert torch.allclose(want[1], z / (z.norm(dim=1, keepdim=True) + 1e-7), atol=1e-7)
