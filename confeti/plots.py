@@ -32,9 +32,9 @@ def to_image(x: torch.Tensor) -> np.ndarray:
     return img.clamp(0, 1).permute(1, 2, 0).numpy()
 
 
-def save_figure(fig: Figure, path) -> None:
-    """Write ``fig`` as a PNG at ``DPI`` and close it."""
-    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+def save_figure(fig: Figure, path, dpi: int = DPI) -> None:
+    """Write ``fig`` as a PNG at ``dpi`` (default ``DPI``) and close it."""
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -170,7 +170,8 @@ def plot_colour_shift(x_s, x_s2t, x_t, bins: int = 32) -> Figure:
 
 # ---- notebook 04: joint training --------------------------------------------------------------
 def plot_train_step(images: dict, index: int = 0) -> Figure:
-    """The official training debug figure (spec §13) as a 2 x ⌈N/2⌉ grid, one panel per entry.
+    """The official training debug figure (docs/method.md §8.2): a 2 x ⌈N/2⌉ grid, one panel
+    per entry.
 
     ``images`` maps a title to a batch tensor, drawn by kind: (B, 3, H, W) float -> image
     (ImageNet-normalised, via ``to_image``); (B, H, W) integer -> label map (Cityscapes palette);
@@ -570,5 +571,147 @@ def plot_class_colour_shift(stats_source, stats_stylized, stats_target) -> Figur
         b.set_xticks(x, CLASSES, rotation=60, ha="right")
         b.set_ylabel("‖mean colour − target's‖")
         b.legend(frameon=False)
+        fig.tight_layout()
+    return fig
+
+
+# ---- the method diagram (README, docs/method.md) ----------------------------------------------
+DIAGRAM_DPI = 110  # figures/method.png: readable at GitHub's ~900 px page width
+
+_DIAGRAM_FILL = {
+    "source": "#fbe3cf",
+    "stylized": "#e3e1f2",
+    "target": "#d5efe6",
+    "net": "#dbe8f6",
+    "frozen": "#eeeeee",
+    "memory": "#fff2bf",
+    "loss": "#fde0e0",
+}
+_GRAD_G = "#c0392b"  # gradient that reaches the generator
+
+
+def _box(ax, x, y, w, h, text, kind, size=9.0, bold=False):
+    """A rounded box centred at (x, y); returns its (left, right, bottom, top)."""
+    from matplotlib.patches import FancyBboxPatch
+
+    edge = {"loss": "#b03a2e", "memory": "#b7950b", "frozen": "#777777"}.get(kind, "#34495e")
+    ax.add_patch(
+        FancyBboxPatch(
+            (x - w / 2, y - h / 2), w, h, boxstyle="round,pad=0.02,rounding_size=0.12",
+            fc=_DIAGRAM_FILL[kind], ec=edge, lw=1.1, ls="--" if kind == "frozen" else "-",
+        )
+    )  # fmt: skip
+    ax.text(x, y, text, ha="center", va="center", fontsize=size, weight="bold" if bold else None)
+    return x - w / 2, x + w / 2, y - h / 2, y + h / 2
+
+
+def _arrow(ax, points, style="data", label=None, at=0.5, offset=(0.0, 0.16), size=8.5):
+    """An arrow along ``points`` (the last segment carries the head), with an optional label.
+
+    style: "data" (solid, gradient flows), "sg" (dashed grey: stop-gradient / no grad),
+    "grad" (solid red: a loss whose gradient reaches G), "ema" (dotted: EMA of the weights).
+    ``at`` picks the point of the polyline (0..1 of its segments) where the label sits.
+    """
+    color, ls, lw = {
+        "data": ("#2c3e50", "-", 1.2),
+        "sg": ("#7f8c8d", (0, (4, 3)), 1.2),
+        "grad": (_GRAD_G, "-", 1.6),
+        "ema": ("#2c3e50", (0, (1, 2)), 1.4),
+    }[style]
+    pts = np.asarray(points, dtype=float)
+    if len(pts) > 2:
+        ax.plot(pts[:-1, 0], pts[:-1, 1], color=color, ls=ls, lw=lw, solid_capstyle="butt")
+    ax.annotate(
+        "", xy=pts[-1], xytext=pts[-2],
+        arrowprops=dict(arrowstyle="-|>", color=color, lw=lw, ls=ls, mutation_scale=11,
+                        shrinkA=0, shrinkB=0),
+    )  # fmt: skip
+    if label:
+        seg = min(int(at * (len(pts) - 1)), len(pts) - 2)
+        frac = at * (len(pts) - 1) - seg
+        p = pts[seg] + (pts[seg + 1] - pts[seg]) * frac + np.asarray(offset)
+        ax.text(*p, label, ha="center", va="center", fontsize=size, color=color,
+                bbox=dict(fc="white", ec="none", pad=0.4, alpha=0.9))  # fmt: skip
+
+
+def method_diagram() -> Figure:
+    """CONFETI in one picture: data flow, networks, losses, and where gradients stop.
+
+    Left to right: the two domains; the CUT generator G (with D and F) and the EMA teacher;
+    ClassMix; the student segmentor (one network, three inputs); the losses; the prototypes.
+    Solid arrows carry gradient, dashed ones are stop-gradients or no-grad passes, red ones are
+    the losses whose gradient reaches G (docs/method.md §9 has the full routing table).
+    """
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(11, 6.3))
+        ax.set(xlim=(0, 16), ylim=(0, 9), aspect="auto")
+        ax.axis("off")
+        # ---- nodes: (left, right, bottom, top) of each box --------------------------------
+        src = _box(ax, 1.05, 7.2, 1.7, 0.9, "source\n$x_s,\\ y_s$", "source", 10.5, True)
+        tgt = _box(ax, 1.05, 3.1, 1.7, 0.9, "target\n$x_t$", "target", 10.5, True)
+        g = _box(ax, 3.55, 7.2, 2.0, 0.9, "G\nCUT generator", "net", 9.5, True)
+        df = _box(ax, 3.55, 8.45, 2.0, 0.75, "D: PatchGAN\nF: patch MLP", "net", 8.6)
+        cut = _box(ax, 6.35, 8.45, 2.6, 0.62, "PatchNCE + LSGAN", "loss", 9.0)
+        s2t = _box(ax, 6.2, 7.2, 1.7, 0.8, "$\\tilde x_s = G(x_s)$", "stylized", 10.5)
+        psc = _box(ax, 6.2, 5.85, 2.9, 1.0, "PSC: $\\tilde x_s$ and $x_s$ must keep\ntheir "
+                   "similarity to $P$\n(frozen student judges)", "loss", 8.6)  # fmt: skip
+        mixb = _box(ax, 6.2, 4.25, 2.6, 0.95, "ClassMix + jitter/blur\n$x_m,\\ y_m,\\ w_m$", "net", 9.0)  # fmt: skip
+        teach = _box(ax, 3.55, 3.1, 2.1, 0.9, "EMA teacher $\\phi$", "frozen", 9.5, True)
+        stud = _box(ax, 9.25, 4.4, 1.8, 6.6, "student $\\theta$\n\nDeepLabV2\n+ CAM head\n"
+                    "+ projection\n\n(one network,\nthree inputs)", "net", 9.0, True)  # fmt: skip
+        l_fd = _box(ax, 11.95, 8.25, 2.9, 0.9, "feature distance on thing\nclasses vs. the frozen\n"
+                    "ImageNet net on raw $x_s$", "loss", 8.0)  # fmt: skip
+        l_src = _box(ax, 11.95, 6.85, 2.9, 1.0, "CE on stylized source\n+ CAM\n"
+                     "+ contrast + regulariser", "loss", 8.6)  # fmt: skip
+        l_mix = _box(ax, 11.95, 4.6, 2.9, 1.3, "mixed CE weighted by $q$\n(pasted source pixels: 1)\n"
+                     "+ CAM\n+ contrast + regulariser", "loss", 8.6)  # fmt: skip
+        l_tgt = _box(ax, 11.95, 2.35, 2.9, 0.8, "target contrast\n+ regulariser, $\\times\\, q$", "loss", 8.6)  # fmt: skip
+        proto = _box(ax, 15.05, 4.6, 1.8, 5.0, "prototypes $P$\n\nCAM-weighted\ntop-k class\n"
+                     "centroids,\nEMA", "memory", 9.0)  # fmt: skip
+        # ---- source lane: G, its CUT losses, the consistency ------------------------------
+        _arrow(ax, [(src[1], 7.2), (g[0], 7.2)], "data")
+        _arrow(ax, [(g[1], 7.2), (s2t[0], 7.2)], "grad")
+        _arrow(ax, [(3.55, g[3]), (3.55, df[2])], "data")
+        _arrow(ax, [(df[1], 8.45), (cut[0], 8.45)], "data")
+        _arrow(ax, [(cut[0] + 0.25, cut[2]), (g[1] - 0.1, g[3])], "grad", "updates G, D, F",
+               at=0.5, offset=(0.95, -0.02))  # fmt: skip
+        _arrow(ax, [(s2t[1], 7.2), (stud[0], 7.2)], "sg", "sg", at=0.5)
+        _arrow(ax, [(6.2, s2t[2]), (6.2, psc[3])], "grad")
+        _arrow(ax, [(src[1], 6.95), (1.95, 5.85), (psc[0], 5.85)], "sg", "raw $x_s$ (sg)", at=0.72)
+        _arrow(ax, [(psc[0], 6.15), (4.3, 6.15), (4.3, g[2])], "grad", "to G", at=0.75,
+               offset=(-0.32, 0.0))  # fmt: skip
+        _arrow(ax, [(7.9, 7.2), (7.9, 5.1), (6.95, 5.1), (6.95, mixb[3])], "sg", "sg", at=0.2,
+               offset=(0.22, 0.0))  # fmt: skip
+        # ---- target lane, teacher, ClassMix ------------------------------------------------
+        _arrow(ax, [(tgt[1], 3.1), (teach[0], 3.1)], "data")
+        _arrow(ax, [(1.05, tgt[2]), (1.05, 1.4), (stud[0], 1.4)], "data", "$x_t$", at=0.8)
+        _arrow(ax, [(teach[1], 3.3), (5.6, 3.3), (5.6, mixb[2])], "sg", "$\\hat y_t,\\ q$", at=0.35)
+        _arrow(ax, [(1.05, tgt[3]), (1.05, 4.25), (mixb[0], 4.25)], "data", "$x_t$", at=0.7)
+        _arrow(ax, [(mixb[1], 4.25), (stud[0], 4.25)], "data", "$x_m$", at=0.5)
+        _arrow(ax, [(7.05, mixb[2]), (7.05, 2.85), (teach[1], 2.85)], "sg", "$x_m$ (no grad)", at=0.62)  # fmt: skip
+        _arrow(ax, [(stud[0], 2.2), (4.2, 2.2), (4.2, teach[2])], "ema", "EMA of weights", at=0.3)
+        _arrow(ax, [(3.55, teach[2]), (3.55, 0.45), (proto[0] + 0.8, 0.45), (proto[0] + 0.8, proto[2])],
+               "sg", "teacher embeddings + CAM of $x_m$ update $P$ (no grad)", at=0.5)  # fmt: skip
+        _arrow(ax, [(2.9, teach[2]), (2.9, 0.85), (11.95, 0.85), (11.95, l_tgt[2])], "sg",
+               "pseudo-labels $\\hat y_t$ and $q$", at=0.42)  # fmt: skip
+        # ---- student -> losses, prototypes -> losses ------------------------------------------
+        _arrow(ax, [(stud[1], 7.3), (10.3, 7.3), (10.3, 8.25), (l_fd[0], 8.25)], "data")
+        for y, box in ((6.85, l_src), (4.6, l_mix), (2.35, l_tgt)):
+            _arrow(ax, [(stud[1], y), (box[0], y)], "data")
+            _arrow(ax, [(proto[0], y), (box[1], y)], "sg", "$P$ (sg)", at=0.5, offset=(0.0, 0.18))
+        # ---- legend -----------------------------------------------------------------------
+        handles = [
+            Line2D([], [], color="#2c3e50", lw=1.2, label="forward, gradient flows"),
+            Line2D([], [], color="#7f8c8d", lw=1.2, ls=(0, (4, 3)), label="stop-gradient (sg) / no grad"),
+            Line2D([], [], color=_GRAD_G, lw=1.6, label="gradient reaches G"),
+            Line2D([], [], color="#2c3e50", lw=1.4, ls=(0, (1, 2)), label="EMA of the weights"),
+            Patch(fc=_DIAGRAM_FILL["loss"], ec="#b03a2e", label="loss"),
+            Patch(fc=_DIAGRAM_FILL["frozen"], ec="#777777", ls="--", label="no gradient (EMA)"),
+        ]  # fmt: skip
+        ax.legend(handles=handles, loc="lower left", bbox_to_anchor=(0.0, -0.03), ncol=6,
+                  fontsize=8.5, frameon=False, handlelength=2.4)  # fmt: skip
         fig.tight_layout()
     return fig
