@@ -163,7 +163,8 @@ def _cmd_ablation(a) -> None:
     from .ablation import run_ablation
 
     cfg = build_config(a.preset, a.iters, None, a.set)
-    run_ablation(cfg, a.data, a.out, seeds=a.seeds, methods=a.methods, device=a.device)
+    run_ablation(cfg, a.data, a.out, seeds=a.seeds, methods=a.methods, device=a.device,
+                 jobs=a.jobs, threads=a.threads)  # fmt: skip
 
 
 def _cmd_figures(a) -> None:
@@ -251,6 +252,15 @@ def main(argv=None) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--methods", nargs="*", default=None)
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="runs in parallel, one process each (default: min(cores, 2)); 1: one after another",
+    )
+    p.add_argument(
+        "--threads", type=int, default=None, help="threads per run (default: cores / jobs)"
+    )
     p.set_defaults(fn=_cmd_ablation)
 
     p = sub.add_parser("figures", help="write every figure from finished runs")

@@ -1,15 +1,25 @@
 """The ablation: every method x K seeds on one preset, as a table and a figure.
 
 ``python -m confeti ablation --preset toy --data DIR --seeds 3 --out DIR`` writes
-``DIR/<method>/seed<k>/`` (one ordinary run each; finished runs are reused), ``results.json``,
-``results.md`` (mIoU mean ± std and per-class IoU) and ``ablation.png``.
+``DIR/<method>/seed<k>/`` (one ordinary run each; finished runs are reused, interrupted ones
+resumed), ``results.json``, ``results.md`` (mIoU mean ± std and per-class IoU) and ``ablation.png``.
 Taught in notebooks/04_joint_training.ipynb.
+
+With ``--jobs N`` (default: min(cores, 2)) the runs go to N processes of ``cores // N`` threads
+each, the longest first (``RUN_COST``); their output is in ``DIR/logs/``. Every method with G
+shares its seed's CUT pre-training (phase 0) through ``DIR/cut_cache`` (``cutcache``): the first
+run of a seed trains and stores it, the others load it; a run whose phase 0 another job is still
+training starts after the runs that need no wait. Each run is the run ``jobs=1`` gives with the
+same thread count (tests/test_ablation.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -20,6 +30,23 @@ from .labels import CLASSES
 
 # every method of the CLI, the oracle (the upper bound) last
 ABLATION_METHODS = tuple(m for m in METHODS if m != "oracle") + ("oracle",)
+
+# relative seconds per iteration (toy bench): the scheduler starts the longest runs first
+RUN_COST = {
+    "confeti": 1.0,
+    "selftrain+style": 0.85,
+    "style": 0.7,
+    "selftrain+contrast": 0.45,
+    "contrast": 0.35,
+    "selftrain": 0.3,
+    "source_only": 0.12,
+    "oracle": 0.12,
+}
+
+
+def default_jobs() -> int:
+    """Parallel runs: one per core, at most 2 (the toy runs' memory and the 2-core laptop)."""
+    return max(1, min(os.cpu_count() or 1, 2))
 
 
 def run_dir(out: str | Path, method: str, seed: int) -> Path:
@@ -80,27 +107,165 @@ def markdown_table(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _pending(out: Path, methods, seeds: int) -> list[tuple[str, int]]:
+    """Runs without eval.json, the longest first (then in the given order)."""
+    todo = [(m, s) for m in methods for s in range(seeds)]
+    todo = [(m, s) for m, s in todo if not (run_dir(out, m, s) / "eval.json").exists()]
+    return sorted(todo, key=lambda r: -RUN_COST.get(r[0], 1.0))  # stable: ties keep the order
+
+
+def _phase0_file(cfg: Config, method: str, seed: int, data, out: Path, device, threads):
+    """The cut_cache file a run needs (None for a method without G or phase 0)."""
+    from .cutcache import cache_path
+    from .runner import resolve_device
+    from .train import parts_of
+
+    if not parts_of(method).style or cfg.style_pretrain_iters <= 0:
+        return None
+    c = dataclasses.replace(cfg, seed=seed)
+    return cache_path(out / "cut_cache", c, data, resolve_device(device), threads)
+
+
+def _worker(spec_json: str) -> None:
+    """One run in a child process (``python -m confeti.ablation SPEC``)."""
+    import torch
+
+    from .runner import train
+
+    spec = json.loads(spec_json)
+    torch.set_num_threads(spec["threads"])
+    d = Path(spec["out"])
+    train(
+        Config.from_dict(spec["config"]),
+        spec["method"],
+        spec["data"],
+        d,
+        resume=(d / "config.json").exists(),
+        device=spec["device"],
+        progress=False,
+        cut_cache=spec["cut_cache"],
+    )
+
+
+def _run_parallel(cfg, data, out: Path, todo, device, jobs: int, threads: int, progress) -> None:
+    """Start up to ``jobs`` child processes over ``todo`` (longest first); a run whose phase 0
+    another running job is training waits until no run without that wait is left."""
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    todo = list(todo)
+    running: dict = {}  # Popen -> (method, seed, phase-0 file being trained or None, log, t0)
+    failed = []
+
+    def start(m: str, s: int) -> None:
+        d = run_dir(out, m, s)
+        cut = _phase0_file(cfg, m, s, data, out, device, threads)
+        fills = cut if cut is not None and not cut.exists() else None
+        spec = {
+            "config": dataclasses.replace(cfg, seed=s).to_dict(),
+            "method": m,
+            "data": str(data),
+            "out": str(d),
+            "device": device,
+            "threads": threads,
+            "cut_cache": str(out / "cut_cache"),
+        }
+        log = logs / f"{m.replace('+', '_')}_seed{s}.log"
+        with log.open("a") as f:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "confeti.ablation", json.dumps(spec)],
+                env=env,
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        running[proc] = (m, s, fills, log, time.time())
+        if progress:
+            print(f"[ablation] start {m} seed {s} -> {d} (log {log})", flush=True)
+
+    def pick():
+        busy = {v[2] for v in running.values() if v[2] is not None}
+        for i, (m, s) in enumerate(todo):
+            if _phase0_file(cfg, m, s, data, out, device, threads) not in busy:
+                return todo.pop(i)
+        return todo.pop(0)  # every run left waits for a phase 0: it blocks on the cache lock
+
+    try:
+        while todo or running:
+            while todo and len(running) < jobs:
+                start(*pick())
+            time.sleep(0.2)
+            for proc in [p for p in running if p.poll() is not None]:
+                m, s, _, log, t_start = running.pop(proc)
+                if proc.returncode != 0:
+                    failed.append(f"{m} seed {s} (exit {proc.returncode}, see {log})")
+                if progress:
+                    state = "done" if proc.returncode == 0 else "FAILED"
+                    print(
+                        f"[ablation] {state} {m} seed {s} in {time.time() - t_start:.0f} s",
+                        flush=True,
+                    )
+    except BaseException:  # Ctrl-C or a kill: let every run save its checkpoint, then stop
+        deadline = time.time() + 5  # a terminal's Ctrl-C reached the runs too: they are saving
+        for proc in running:
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                proc.terminate()  # SIGTERM: the run finishes its iteration and checkpoints
+        for proc in running:
+            proc.wait()
+        raise
+    if failed:
+        raise RuntimeError("ablation runs failed: " + "; ".join(failed))
+
+
 def run_ablation(
-    cfg: Config, data, out, seeds: int = 3, methods=None, device=None, progress: bool = True
+    cfg: Config,
+    data,
+    out,
+    seeds: int = 3,
+    methods=None,
+    device=None,
+    progress: bool = True,
+    jobs: int | None = None,
+    threads: int | None = None,
 ) -> dict:
-    """Train (or reuse) every method x seed, then write results.json, results.md, ablation.png."""
+    """Train (or reuse) every method x seed, then write results.json, results.md, ablation.png.
+
+    ``jobs`` > 1: that many child processes of ``threads`` threads each (default: cores / jobs);
+    ``jobs=1``: the runs one after another in this process (``threads``: its thread count while
+    they run). Either way the methods with G share each seed's phase 0 through ``out/cut_cache``.
+    """
     from .plots import plot_ablation, save_figure
     from .runner import train
 
     methods = list(methods or ABLATION_METHODS)
     out = Path(out)
+    jobs = default_jobs() if jobs is None else max(1, int(jobs))
     t0 = time.time()
-    for m in methods:
-        for s in range(seeds):
-            d = run_dir(out, m, s)
-            if (d / "eval.json").exists():
-                continue
-            if progress:
-                print(f"[ablation] {m} seed {s} -> {d}", flush=True)
-            c = dataclasses.replace(cfg, seed=s)
-            train(
-                c, m, data, d, resume=(d / "config.json").exists(), device=device, progress=progress
-            )
+    todo = _pending(out, methods, seeds)
+    if jobs > 1 and len(todo) > 1:
+        threads = threads or max(1, (os.cpu_count() or 1) // jobs)
+        _run_parallel(cfg, data, out, todo, device, jobs, threads, progress)
+    else:
+        import torch
+
+        before = torch.get_num_threads()
+        if threads:
+            torch.set_num_threads(threads)
+        try:
+            for m, s in todo:
+                d = run_dir(out, m, s)
+                if progress:
+                    print(f"[ablation] {m} seed {s} -> {d}", flush=True)
+                c = dataclasses.replace(cfg, seed=s)
+                resume = (d / "config.json").exists()
+                train(c, m, data, d, resume=resume, device=device, progress=progress,
+                      cut_cache=out / "cut_cache")  # fmt: skip
+        finally:
+            torch.set_num_threads(before)
     res = collect(out, methods, seeds)
     out.mkdir(parents=True, exist_ok=True)
     meta = {
@@ -116,3 +281,7 @@ def run_ablation(
     if progress:
         print(markdown_table(res))
     return res
+
+
+if __name__ == "__main__":  # a child run of _run_parallel
+    _worker(sys.argv[1])

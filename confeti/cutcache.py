@@ -86,8 +86,9 @@ def _source_digest() -> str:
     return h.hexdigest()
 
 
-def cache_key(cfg: Config, data, device) -> dict:
-    """Everything phase 0's result depends on, as a JSON-able dict."""
+def cache_key(cfg: Config, data, device, threads: int | None = None) -> dict:
+    """Everything phase 0's result depends on, as a JSON-able dict (``threads``: of the process
+    that trains it; default this one's)."""
     fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_PHASE0}
     return {
         "format": FORMAT,
@@ -97,7 +98,7 @@ def cache_key(cfg: Config, data, device) -> dict:
         "source": _source_digest(),
         "torch": str(torch.__version__),
         "device": torch.device(device).type,
-        "threads": torch.get_num_threads(),
+        "threads": threads or torch.get_num_threads(),
     }
 
 
@@ -106,9 +107,9 @@ def _path(cache_dir, key: dict) -> Path:
     return Path(cache_dir) / f"cut_{digest}.pt"
 
 
-def cache_path(cache_dir, cfg: Config, data, device) -> Path:
+def cache_path(cache_dir, cfg: Config, data, device, threads: int | None = None) -> Path:
     """The file phase 0 of ``cfg`` on ``data`` is stored in under ``cache_dir``."""
-    return _path(cache_dir, cache_key(cfg, data, device))
+    return _path(cache_dir, cache_key(cfg, data, device, threads))
 
 
 class Phase0Cache:

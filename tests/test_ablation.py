@@ -1,0 +1,56 @@
+"""The ablation's runs in parallel processes give the runs of one process, and resume."""
+
+import json
+
+import torch
+
+from confeti import runner
+from confeti.__main__ import build_config
+from confeti.ablation import RUN_COST, _pending, run_ablation, run_dir
+
+METHODS = ["style", "selftrain+style"]  # both share seed 0's CUT pre-training
+
+
+def _cfg():
+    return build_config("smoke", iters=6, overrides=["log_every=1"])
+
+
+def _run(d):
+    ck = torch.load(d / "checkpoint.pt", weights_only=True)
+    return ck["model"], (d / "metrics.jsonl").read_text(), json.loads((d / "eval.json").read_text())
+
+
+def test_longest_runs_first(tmp_path):
+    todo = _pending(tmp_path, ["source_only", "selftrain", "style", "confeti", "oracle"], 2)
+    assert [m for m, _ in todo[:2]] == ["confeti", "confeti"] and todo[0][1] == 0
+    assert [m for m, _ in todo[-4:]] == ["source_only"] * 2 + ["oracle"] * 2
+    assert RUN_COST["confeti"] > RUN_COST["selftrain+style"] > RUN_COST["style"]
+    assert RUN_COST["style"] > RUN_COST["contrast"] > RUN_COST["selftrain"]
+    assert RUN_COST["selftrain"] > RUN_COST["source_only"] == RUN_COST["oracle"]
+
+
+def test_two_jobs_give_the_runs_of_one_and_resume_an_interrupted_run(toy, tmp_path):
+    cfg = _cfg()
+    one, two = tmp_path / "one", tmp_path / "two"
+    res1 = run_ablation(cfg, toy, one, seeds=1, methods=METHODS, progress=False, jobs=1, threads=1)
+    # an interrupted run in the second ablation: a checkpoint inside phase 0, no eval.json
+    orig = runner.phases
+    runner.phases = lambda c, m: [("style_pretrain", 0, 2)]
+    try:
+        runner.train(cfg, "style", toy, run_dir(two, "style", 0), progress=False)
+    finally:
+        runner.phases = orig
+    (run_dir(two, "style", 0) / "eval.json").unlink()
+    res2 = run_ablation(cfg, toy, two, seeds=1, methods=METHODS, progress=False, jobs=2, threads=1)
+    assert res1.keys() == res2.keys() == set(METHODS)
+    for m in METHODS:
+        assert res1[m]["miou_mean"] == res2[m]["miou_mean"]
+        (w1, log1, ev1), (w2, log2, ev2) = _run(run_dir(one, m, 0)), _run(run_dir(two, m, 0))
+        assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1), m
+        assert log1 == log2 and ev1 == ev2, m
+    # phase 0 trained once per ablation and seed, then loaded
+    for out in (one, two):
+        assert len(list((out / "cut_cache").glob("cut_*.pt"))) == 1
+    status = {m: json.loads((run_dir(one, m, 0) / "summary.json").read_text()) for m in METHODS}
+    assert sorted(s["cut_pretrain"] for s in status.values()) == ["reused", "stored"]
+    assert (two / "logs" / "style_seed0.log").exists()
