@@ -49,7 +49,7 @@ def build_config(preset: str, iters=None, seed=None, overrides=()) -> Config:
         raise SystemExit(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     cfg = get_preset(preset)
     if iters is not None:
-        cfg = scale_schedule(cfg, iters, min_time_constant=2.0 if preset == "smoke" else 10.0)
+        cfg = scale_schedule(cfg, iters)
     if seed is not None:
         cfg = dataclasses.replace(cfg, seed=seed)
     changes = {}
@@ -72,7 +72,7 @@ def build_config(preset: str, iters=None, seed=None, overrides=()) -> Config:
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="toy", help=f"one of {', '.join(PRESETS)}")
-    p.add_argument("--iters", type=int, help="iterations (schedule constants scale with it)")
+    p.add_argument("--iters", type=int, help="iterations (gates and LR warm-up scale with it)")
     p.add_argument("--seed", type=int)
     p.add_argument(
         "--set",
@@ -184,6 +184,36 @@ def _cmd_bench(a) -> None:
         Path(a.out).write_text(text)
 
 
+def _cmd_experiment(a) -> None:
+    from . import experiments as ex
+
+    data, out, results = Path(a.data), Path(a.out), Path(a.results)
+    if a.name == "tune":
+        if a.tune_data is None:
+            raise SystemExit("experiment tune: --tune-data DIR is required (the tuning split)")
+        jobs = ex.tuning_jobs(out, Path(a.tune_data), a.iters or 1600, a.seed)
+        extra = {"grid": ex.TUNE_GRID, "method": "selftrain", "iters": a.iters or 1600,
+                 "tuning_split": str(a.tune_data)}  # fmt: skip
+    elif a.name == "convergence":
+        lengths = a.lengths or [800, 1600, 3200, 6400]
+        ex._check_lengths(a.preset, lengths)
+        methods = a.methods or ["source_only", "oracle", "selftrain", "style", "confeti"]
+        jobs = ex.convergence_jobs(out, methods, lengths, a.seed)
+        extra = {"lengths": lengths, "methods": methods}
+    else:
+        raise SystemExit(f"unknown experiment {a.name!r}; choose tune or convergence")
+    try:
+        ex.run_jobs(jobs, data, preset=a.preset, n_procs=a.jobs)
+    finally:  # whatever finished is kept, also after Ctrl-C
+        res = ex.collect(jobs, a.preset, a.name, extra)
+        ex.write_results(res, results)
+        print(f"{len(res['runs'])} finished runs in {results}")
+    if a.name == "convergence":
+        table = ex.convergence_table(res)
+        print(json.dumps(table, indent=1))
+        print("converged length:", ex.converged_length(table))
+
+
 def _cmd_reproduce(a) -> None:
     from .reproduce import reproduce
 
@@ -276,6 +306,20 @@ def main(argv=None) -> None:
     p.add_argument("--data", default=None, help="also time the input pipeline on this data set")
     p.add_argument("--out", default=None)
     p.set_defaults(fn=_cmd_bench)
+
+    p = sub.add_parser("experiment", help="many runs: 'tune' (tuning split) or 'convergence'")
+    p.add_argument("name", help="tune | convergence")
+    p.add_argument("--preset", default="toy")
+    p.add_argument("--data", required=True)
+    p.add_argument("--tune-data", default=None, help="tune: the tuning split (never reported)")
+    p.add_argument("--out", required=True, help="folder of the runs (resumable)")
+    p.add_argument("--results", required=True, help="the JSON collecting the finished runs")
+    p.add_argument("--iters", type=int, default=None, help="tune: the run length")
+    p.add_argument("--lengths", type=int, nargs="*", default=None, help="convergence: run lengths")
+    p.add_argument("--methods", nargs="*", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--jobs", type=int, default=2, help="processes at once (one thread each)")
+    p.set_defaults(fn=_cmd_experiment)
 
     p = sub.add_parser("reproduce", help="the whole toy pipeline: data, runs, notebooks, figures")
     p.add_argument("--data", default="data/toystreets")

@@ -3,14 +3,15 @@
 Taught in notebooks/03_feature_alignment.ipynb (contrast) and 02_pixel_alignment.ipynb
 (consistency).
 
-Pixel-to-prototype contrast (spec §5), on L2-normalised pixel embeddings v~_n with label y_n:
+Pixel-to-prototype contrast (docs/method.md §7), on L2-normalised pixel embeddings v~_n with
+label y_n:
 
     L_CE  = w * mean_{n in S} -log[ exp(v~_n . P_{y_n} / tau) / sum_k exp(v~_n . P_k / tau) ]
     L_reg = w_reg * (sum_k log pi_k) / (C ln C),  pi = softmax_k(v_bar . P_k / tau),
             v_bar = mean of all valid v~_n (SePiCo's regulariser, kept with the official sign)
 
-Prototypical semantic consistency (spec §6): the generator must keep every pixel's similarity
-profile to the prototypes: L_psc = w * MSE(r(p(f(G(x_s)))) P^T, sg[p(f(x_s)) P^T]).
+Prototypical semantic consistency (docs/method.md §5): the generator must keep every pixel's
+similarity profile to the prototypes: L_psc = w * MSE(r(p(f(G(x_s)))) P^T, sg[p(f(x_s)) P^T]).
 
 Shape: emb (B, D, h, w), labels (B, H, W), protos (C, D) -> scalar losses.
 """
@@ -128,3 +129,22 @@ def frozen(*modules: nn.Module):
     finally:
         for p, f in zip(params, flags):
             p.requires_grad_(f)
+
+
+@contextmanager
+def bn_stats_frozen(*modules: nn.Module):
+    """BatchNorm layers keep normalising with batch statistics but do not update their running
+    statistics: momentum 0 gives running <- 1 * running + 0 * batch, exactly unchanged.
+
+    Restores every layer's momentum after, even after an exception.
+    """
+    bns = [m for mod in modules if mod is not None for m in mod.modules()
+           if isinstance(m, nn.modules.batchnorm._BatchNorm)]  # fmt: skip
+    saved = [m.momentum for m in bns]
+    try:
+        for m in bns:
+            m.momentum = 0.0
+        yield
+    finally:
+        for m, mom in zip(bns, saved):
+            m.momentum = mom

@@ -6,15 +6,19 @@ A prototype P_k is the unit-norm mean embedding of class k. CONFETI estimates it
 teacher's projected features of the **ClassMix image** (stylized-source pixels with ground truth
 + target pixels with pseudo-labels), so each prototype carries "category-wise cross-domain
 information"; the teacher's CAM ranks pixels so only the top-k most class-discriminative ones
-of each class count (spec §4):
+of each class count (docs/method.md §6.2, §6.3):
 
     mu_k = sum_{i in top-k(w)} w_i v_i / sum w_i,    P_k <- m_k P_k + (1 - m_k) mu_k / ||mu_k||
 
-Deviations from the official code (README "Deviations"):
+Deviations from the official code (docs/deviations.md rows 4 and 5):
 
-- Resolution: centroids are taken at feature resolution (h, w): labels and mask are resized to
-  it (nearest), the weights (CAM) are already at (h, w), instead of upsampling the 512-d features
-  and the CAM to the full crop (``ori_size=True``, ~1 GB for two 512x512 crops); 64x cheaper.
+- Resolution: as the official code (``ori_size=True``), the top-k is taken over the pixels of the
+  label map with the CAM upsampled to it; the official code upsamples the whole 512-d feature map
+  to the crop (~1 GB for two 512x512 crops), here only the k selected pixels per class are
+  interpolated (the same numbers). ``resolution="feature"`` is the cheap variant: labels resized
+  to the feature grid, top-k over its cells (on the toy, at most 512 cells per batch).
+- Warm-up (no weights): a plain mean over every pixel of the class (the follow-up code's
+  warm-up); the official v1 code takes the top-32 of uniform weights, i.e. arbitrary pixels.
 - Momentum ramp: m_k = min(1 - 1/(n_k + 1), momentum) with n_k = number of earlier updates of
   class k, so m_k = 0, 1/2, 2/3, ... until it reaches ``momentum`` (a running mean at first).
   The official step size min(1 - 1/(n + 1), 0.001) is already 0.001 from the second update on,
@@ -99,9 +103,13 @@ class PrototypeMemory(nn.Module):
         momentum: float = 0.999,
         top_k: int = 32,
         ramp: bool = True,
+        resolution: str = "label",
     ):
         super().__init__()
+        if resolution not in ("label", "feature"):
+            raise ValueError(f"resolution must be 'label' or 'feature', got {resolution!r}")
         self.num_classes, self.momentum, self.top_k, self.ramp = num_classes, momentum, top_k, ramp
+        self.resolution = resolution
         self.register_buffer("protos", torch.zeros(num_classes, dim))
         self.register_buffer("counts", torch.zeros(num_classes, dtype=torch.long))
 
@@ -113,36 +121,44 @@ class PrototypeMemory(nn.Module):
     def class_sums(self, emb, labels, weights=None, mask=None):
         """Per class, the weighted sum of its top-k pixels and the sum of their weights.
 
-        Ignore (255) and masked-out (mask False) pixels are dropped; w_i = weights[k] at the
-        pixels of class k (1 if ``weights`` is None); ties in w keep the first pixels in order.
+        ``resolution="label"`` (the official estimator): the pixels are those of the label map
+        (H, W); the weights are the CAM bilinearly upsampled to (H, W), the top-k pixels of each
+        class by weight are kept, and their embeddings are the features bilinearly upsampled at
+        exactly those pixels (``sample_bilinear``: the same numbers as upsampling the whole
+        feature map first, without its memory). ``resolution="feature"`` (cheap): labels and
+        mask resized (nearest) to the feature grid (h, w) and the top-k taken over its cells.
+        ``weights=None`` (the warm-up): every pixel of the class counts, w_i = 1 (a plain mean,
+        as the follow-up code's warm-up). Ignore (255) and masked-out pixels are dropped.
         Shape: -> sums (C, D) = sum_i w_i v_i, totals (C,) = sum_i w_i, pixels (C,) long.
         """
         b, d, h, w = emb.shape
-        lab = resize_labels(labels, (h, w)).reshape(-1)  # (B*h*w,)
+        size = tuple(labels.shape[-2:]) if self.resolution == "label" else (h, w)
+        lab = resize_labels(labels, size).reshape(-1)  # (N,) N = B*H*W (or B*h*w)
         if mask is not None:
-            keep = resize_labels(mask.long(), (h, w)).reshape(-1).bool()
+            keep = resize_labels(mask.long(), size).reshape(-1).bool()
             lab = torch.where(keep, lab, torch.full_like(lab, IGNORE_INDEX))
-        v = emb.float().permute(0, 2, 3, 1).reshape(-1, d)  # (B*h*w, D)
-        wts = (
-            None
-            if weights is None
-            else weights.float().permute(0, 2, 3, 1).reshape(-1, self.num_classes)
-        )
-        sums = emb.new_zeros(self.num_classes, d, dtype=torch.float32)
-        totals = emb.new_zeros(self.num_classes, dtype=torch.float32)
-        pixels = torch.zeros(self.num_classes, dtype=torch.long)
-        for k in torch.unique(lab).tolist():
-            if k == IGNORE_INDEX or not 0 <= k < self.num_classes:
-                continue
-            idx = torch.nonzero(lab == k).squeeze(1)
-            wk = torch.ones(len(idx), device=emb.device) if wts is None else wts[idx, k]
-            if len(idx) > self.top_k:  # keep the k most class-discriminative pixels (stable ties)
-                order = torch.sort(wk, descending=True, stable=True).indices[: self.top_k]
-                idx, wk = idx[order], wk[order]
-            sums[k] = (wk[:, None] * v[idx]).sum(0)  # sum_i w_i v_i
-            totals[k] = wk.sum()  # sum_i w_i
-            pixels[k] = len(idx)
-        return sums, totals, pixels
+        valid = (lab >= 0) & (lab < self.num_classes)
+        c = self.num_classes
+        if weights is None:  # plain mean: sum_i v_i over every pixel of class k
+            idx = torch.nonzero(valid).squeeze(1)
+            sums = emb.new_zeros(c, d, dtype=torch.float32)
+            for part in idx.split(1 << 16):  # chunks: never the whole upsampled map at once
+                sums.index_add_(0, lab[part], sample_bilinear(emb, part, size))
+            totals = torch.bincount(lab[idx], minlength=c)[:c].float()
+            return sums, totals, totals.long()
+        wts = weights.float()
+        if tuple(wts.shape[-2:]) != size:  # the CAM at label resolution
+            wts = F.interpolate(wts, size=size, mode="bilinear", align_corners=False)
+        wts = wts.permute(1, 0, 2, 3).reshape(c, -1)  # (C, N)
+        own = valid[None] & (lab[None] == torch.arange(c, device=lab.device)[:, None])  # (C, N)
+        score = torch.where(own, wts, torch.full_like(wts, -1.0))  # -1: not a pixel of class k
+        k = min(self.top_k, score.shape[1])
+        top, idx = torch.topk(score, k, dim=1)  # (C, k) the k largest weights of each class
+        used = top > 0  # a real pixel of the class with a positive weight
+        wk = torch.where(used, top, torch.zeros_like(top))  # (C, k)
+        v = sample_bilinear(emb, idx.reshape(-1), size).view(c, k, d)  # (C, k, D)
+        sums = (wk[..., None] * v).sum(1)  # sum_i w_i v_i
+        return sums, wk.sum(1), used.sum(1)
 
     @torch.no_grad()
     def update(self, emb, labels, weights=None, mask=None) -> dict[int, int]:
@@ -170,6 +186,33 @@ class PrototypeMemory(nn.Module):
             updated[k] = int(pixels[k])
         self.protos.copy_(F.normalize(self.protos, dim=1))  # unit rows; zero rows stay zero
         return updated
+
+
+def sample_bilinear(emb: torch.Tensor, index: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Rows of ``F.interpolate(emb, size, mode="bilinear")`` at flat pixel indices only.
+
+    Pixel (y, x) of the (H, W) grid reads the feature map at y_src = (y + 1/2) h/H - 1/2 (clamped
+    at 0, as PyTorch's upsampling): v = sum of the 4 neighbours, weights (1-a)(1-b), ..., a b.
+    ``size == (h, w)``: the cells themselves. Shape: emb (B, D, h, w), index (n,) into B*H*W -> (n, D).
+    """
+    b, d, h, w = emb.shape
+    flat = emb.float().permute(0, 2, 3, 1).reshape(-1, d)  # (B*h*w, D)
+    H, W = size
+    if (H, W) == (h, w):
+        return flat[index]
+    img, rem = index // (H * W), index % (H * W)
+    ys = ((rem // W).float() + 0.5) * (h / H) - 0.5
+    xs = ((rem % W).float() + 0.5) * (w / W) - 0.5
+    ys, xs = ys.clamp_min(0), xs.clamp_min(0)
+    y0, x0 = ys.floor().long(), xs.floor().long()
+    a, bb = (ys - y0)[:, None], (xs - x0)[:, None]  # fractional offsets
+    y1, x1 = (y0 + 1).clamp_max(h - 1), (x0 + 1).clamp_max(w - 1)
+    base = img * (h * w)
+
+    def at(y, x):
+        return flat[base + y * w + x]
+
+    return (1 - a) * ((1 - bb) * at(y0, x0) + bb * at(y0, x1)) + a * ((1 - bb) * at(y1, x0) + bb * at(y1, x1))  # fmt: skip
 
 
 def similarity(emb: torch.Tensor, protos: torch.Tensor) -> torch.Tensor:

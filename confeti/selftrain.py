@@ -1,4 +1,4 @@
-"""Self-training base inherited from DACS / DAFormer (spec §3.1, §3.3, §3.4, §3.7, §8.2–8.5).
+"""Self-training base inherited from DACS / DAFormer (docs/method.md §3).
 
 An EMA **teacher** labels the target; its confident share q weights the pseudo-labels; **ClassMix**
 pastes half of the source classes onto the target; a **strong augmentation** (colour jitter, blur)
@@ -24,7 +24,7 @@ from .datasets import denormalize, normalize
 from .labels import IGNORE_INDEX, NUM_CLASSES, THING_CLASSES
 
 
-# ---- EMA teacher (spec §3.1, §8.2) ----------------------------------------------------------
+# ---- EMA teacher (docs/method.md §3.1) ------------------------------------------------------
 @torch.no_grad()
 def ema_update(teacher: nn.Module, student: nn.Module, iteration: int, alpha: float) -> float:
     """Mean teacher: φ ← α_t φ + (1 − α_t) θ with the warm-up α_t = min(1 − 1/(t+1), α).
@@ -47,7 +47,7 @@ def ema_update(teacher: nn.Module, student: nn.Module, iteration: int, alpha: fl
     return alpha_t
 
 
-# ---- pseudo-labels (spec §3.3, §8.3) ---------------------------------------------------------
+# ---- pseudo-labels (docs/method.md §3.2) -----------------------------------------------------
 @torch.no_grad()
 def pseudo_label(
     logits: torch.Tensor, threshold: float = 0.968, ignore_top: int = 15, ignore_bottom: int = 120
@@ -71,7 +71,7 @@ def pseudo_label(
     return labels, weights, q
 
 
-# ---- ClassMix (spec §3.4, §8.4) --------------------------------------------------------------
+# ---- ClassMix (docs/method.md §3.3) ----------------------------------------------------------
 def class_mix_masks(labels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """ClassMix masks: per image, ⌈n/2⌉ of its own n classes, drawn without replacement.
 
@@ -118,7 +118,7 @@ def mix_weights(mask: torch.Tensor, pseudo_weights: torch.Tensor) -> torch.Tenso
     return mix(torch.ones_like(pseudo_weights), pseudo_weights, mask)
 
 
-# ---- strong augmentation: colour jitter + Gaussian blur (spec §3.4) --------------------------
+# ---- strong augmentation: colour jitter + Gaussian blur (docs/method.md §3.4) ----------------
 def _gray(x: torch.Tensor) -> torch.Tensor:
     """ITU-R 601 luma. Shape: (B, 3, H, W) in [0, 1] -> (B, 1, H, W)."""
     r, g, b = x.unbind(1)
@@ -207,31 +207,34 @@ def strong_augment(
     strength: float = 0.2,
     blur_p: float = 0.5,
 ) -> torch.Tensor:
-    """DACS strong augmentation with one parameter set per call, shared by the whole batch.
+    """DACS strong augmentation, drawn per image as the official code does.
 
-    With probability ``jitter_p``: colour jitter with b, c, s ~ U(1 − s₀, 1 + s₀) and hue shift
-    ~ U(−s₀, s₀) turns (s₀ = ``strength``); then with probability ``blur_p``: Gaussian blur with
-    σ ~ U(0.15, 1.15) and kernel ≈ 10 % of the shorter side (odd). Works in [0, 1] RGB, clamps,
-    and renormalises. All draws come from ``generator``.
+    For each image: with probability ``jitter_p`` colour jitter with b, c, s ~ U(1 − s₀, 1 + s₀)
+    and a hue shift ~ U(−s₀, s₀) turns (s₀ = ``strength``); then with probability ``blur_p`` a
+    Gaussian blur with σ ~ U(0.15, 1.15) and a kernel of ≈ 10 % of the shorter side (odd).
+    Works in [0, 1] RGB, clamps, and renormalises. All draws come from ``generator``.
 
     Shape: (B, 3, H, W) ImageNet-normalised -> (B, 3, H, W) ImageNet-normalised.
     """
-    do_jitter = _uniform(0, 1, generator) < jitter_p
-    factors = [_uniform(1 - strength, 1 + strength, generator) for _ in range(3)]
-    hue = _uniform(-strength, strength, generator)
-    do_blur = _uniform(0, 1, generator) < blur_p
-    sigma = _uniform(0.15, 1.15, generator)
-    if not (do_jitter or do_blur):
-        return x
-    img = denormalize(x).clamp(0, 1)  # (B, 3, H, W) in [0, 1]
-    if do_jitter:
-        img = color_jitter(img, *factors, hue)
-    if do_blur:
-        img = gaussian_blur(img, sigma, blur_kernel_size(*img.shape[-2:])).clamp(0, 1)
-    return normalize(img)
+    out = []
+    for img in x.split(1):  # a new parameter set for every image
+        do_jitter = _uniform(0, 1, generator) < jitter_p
+        factors = [_uniform(1 - strength, 1 + strength, generator) for _ in range(3)]
+        hue = _uniform(-strength, strength, generator)
+        do_blur = _uniform(0, 1, generator) < blur_p
+        sigma = _uniform(0.15, 1.15, generator)
+        if do_jitter or do_blur:
+            rgb = denormalize(img).clamp(0, 1)  # (1, 3, H, W) in [0, 1]
+            if do_jitter:
+                rgb = color_jitter(rgb, *factors, hue)
+            if do_blur:
+                rgb = gaussian_blur(rgb, sigma, blur_kernel_size(*rgb.shape[-2:])).clamp(0, 1)
+            img = normalize(rgb)
+        out.append(img)
+    return torch.cat(out)
 
 
-# ---- ImageNet feature distance (spec §3.7, §8.5) ---------------------------------------------
+# ---- ImageNet feature distance (docs/method.md §3.6) -----------------------------------------
 def thing_cell_mask(
     labels: torch.Tensor,
     size: tuple[int, int],

@@ -1,5 +1,5 @@
 """The CONFETI iteration: one function, ``train_step``, that reads top to bottom in the order of
-the official code (spec §3), and the models it works on.
+the official code (docs/method.md §8), and the models it works on.
 
 Taught in notebooks/04_joint_training.ipynb. Every method of the ablation is this same step with
 parts switched off (``Parts``): ``source_only`` trains on raw source; ``style`` adds the CUT
@@ -7,7 +7,7 @@ generator G (x_s -> x_s2t) and its consistency loss; ``contrast`` adds the CAM h
 the pixel-to-prototype contrast on source and target; ``selftrain`` adds the EMA teacher,
 pseudo-labels and ClassMix (DACS/DAFormer); ``confeti`` is all of them.
 
-Gradient routing (spec §3.12), enforced here and tested in tests/test_train.py:
+Gradient routing (docs/method.md §9), enforced here and tested in tests/test_train.py:
 
 | loss | student backbone | seg head | CAM | proj | adapter | G | D | F |
 | L_seg_src (x_s2t detached)   | x | x |   |   |   |   |   |   |
@@ -30,7 +30,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import METHODS, Config
-from .contrast import frozen, make_adapter, pixel_prototype_contrast, semantic_consistency
+from .contrast import (
+    bn_stats_frozen,
+    frozen,
+    make_adapter,
+    pixel_prototype_contrast,
+    semantic_consistency,
+)
 from .deeplab import DeepLabV2
 from .labels import IGNORE_INDEX, THING_CLASSES
 from .prototypes import CAMHead, ProjectionHead, PrototypeMemory, cam_loss
@@ -106,7 +112,11 @@ class TrainState(nn.Module):
         if self.teacher is not None:
             self.teacher.requires_grad_(False)
         self.protos = PrototypeMemory(
-            cfg.num_classes, cfg.proto_dim, momentum=cfg.proto_momentum, top_k=cfg.proto_top_k
+            cfg.num_classes,
+            cfg.proto_dim,
+            momentum=cfg.proto_momentum,
+            top_k=cfg.proto_top_k,
+            resolution=cfg.proto_resolution,
         )
         self.adapter = make_adapter(cfg.proto_dim) if p.style else None  # the official reg_proj
         self.style = (
@@ -142,13 +152,27 @@ class TrainState(nn.Module):
         return self.parts.contrast or self.train_style
 
 
+def set_memory_format(state: TrainState, cfg: Config) -> None:
+    """channels_last (NHWC) for the segmentor copies only: student, teacher, adapter and the
+    frozen ImageNet copy (faster convolutions in oneDNN on CPU and cuDNN on GPU). G, D and F stay
+    NCHW: ``F.instance_norm`` makes its input contiguous on every device, so in NHWC each of
+    their instance norms would copy to NCHW and the next convolution back. ``StyleTransfer``
+    feeds G and D contiguous images and returns G's output in the layout of its input."""
+    if not cfg.channels_last:
+        return
+    for name, module in state.named_children():
+        if name != "style":
+            module.to(memory_format=torch.channels_last)
+    for module in state._imnet:
+        module.to(memory_format=torch.channels_last)
+
+
 def setup_device(state: TrainState, cfg: Config, device: torch.device):
-    """Device settings in one place: channels_last (NHWC: faster convolutions in oneDNN on CPU
-    and cuDNN on GPU), cuDNN autotuning, and on CUDA autocast (bf16 where supported, else fp16
-    with a GradScaler on ``state.scaler``). Returns the autocast context for ``train_step``
-    (None on CPU). Batches should match: ``runner.to_device(..., channels_last=True)``."""
-    if cfg.channels_last:
-        state.to(memory_format=torch.channels_last)
+    """Device settings in one place: the memory format (``set_memory_format``), cuDNN
+    autotuning, and on CUDA autocast (bf16 where supported, else fp16 with a GradScaler on
+    ``state.scaler``). Returns the autocast context for ``train_step`` (None on CPU). Batches
+    should match: ``runner.to_device(..., channels_last=True)``."""
+    set_memory_format(state, cfg)
     if device.type != "cuda":
         return None
     torch.backends.cudnn.benchmark = True
@@ -228,7 +252,7 @@ def train_step(
     Pass a dict as ``debug`` to receive this iteration's intermediate images (x_s2t, pseudo-label,
     ClassMix mask, mixed image/label/weights) -- the official debug figure, rebuilt.
 
-    Order (spec §3): EMA -> stylize -> pseudo-labels -> ClassMix -> prototype update ->
+    Order (docs/method.md §8): EMA -> stylize -> pseudo-labels -> ClassMix -> prototype update ->
     source branch (+ consistency) -> feature distance -> CUT step -> mixed branch -> target
     contrast -> optimizer step.
     """
@@ -268,12 +292,14 @@ def train_step(
         y_t_hat, w_t, q = pseudo_label(
             t_logits, cfg.pseudo_threshold, cfg.pseudo_ignore_top, cfg.pseudo_ignore_bottom
         )
+        t_conf = torch.softmax(t_logits, dim=1).amax(dim=1)  # (B, H, W) max_c p
         logs["pseudo_q"] = torch.tensor(q)
 
     _mark(state, "pseudo_labels")
 
     # 4. ClassMix of the (stylized, detached) source onto the target + strong augmentation
-    if p.selftrain:
+    mixing = p.selftrain and t >= cfg.mix_start  # the gate holds self-training back at first
+    if mixing:
         m = class_mix_masks(y_s)  # (B, H, W) 1 = pasted source pixel
         x_m = strong_augment(
             mix(x_src, x_t, m),
@@ -288,8 +314,8 @@ def train_step(
     if debug is not None:
         debug.update(x_s=x_s, x_s2t=x_src, x_t=x_t, y_s=y_s)
         if state.teacher is not None:
-            debug.update(y_t_hat=y_t_hat, w_t=w_t)
-        if p.selftrain:
+            debug.update(y_t_hat=y_t_hat, w_t=w_t, t_conf=t_conf)
+        if mixing:
             debug.update(mask=m, x_m=x_m, y_m=y_m, w_m=w_m)
 
     # 5. prototypes from teacher features (no grad); warm-up: pasted source GT, uniform weights
@@ -297,19 +323,21 @@ def train_step(
         warm = t <= cfg.proto_warmup_iters
         teacher = state.teacher if state.teacher is not None else state.student
         with torch.no_grad(), autocast:
-            if p.selftrain:
+            if mixing:
                 f_m = teacher.features(x_m)
-                cam = None if warm else F.relu(teacher.cam(f_m)).float()
+                # CAM weights only where the CAM head is trained (the contrast part)
+                cam = None if warm or not p.contrast else F.relu(teacher.cam(f_m)).float()
                 state.protos.update(
                     teacher.proj(f_m).float(), y_m, weights=cam, mask=(m > 0) if warm else None
                 )
-            else:  # no mix: source GT, plus target pseudo-labels after the warm-up
-                f_s = teacher.features(x_src)
-                state.protos.update(teacher.proj(f_s).float(), y_s)
-                if p.contrast and not warm:
-                    f_t = teacher.features(x_t)
-                    conf = y_t_hat.masked_fill(w_t == 0, IGNORE_INDEX)
-                    state.protos.update(teacher.proj(f_t).float(), conf)
+            else:  # no mix: source GT, plus confident target pseudo-labels after the warm-up
+                x_p, y_p = x_src, y_s
+                if p.contrast and not warm and state.teacher is not None:
+                    confident = t_conf >= cfg.pseudo_threshold  # per pixel, (B, H, W)
+                    x_p = torch.cat([x_src, x_t])
+                    y_p = torch.cat([y_s, y_t_hat.masked_fill(~confident, IGNORE_INDEX)])
+                f_p = teacher.features(x_p)
+                state.protos.update(teacher.proj(f_p).float(), y_p)  # one update per iteration
 
     _mark(state, "prototype_update")
 
@@ -335,7 +363,9 @@ def train_step(
     if state.train_style and protos_ready and cfg.psc_weight > 0:
         s = state.student
         judge = state.teacher if (cfg.psc_judge == "teacher" and state.teacher) else s
-        with autocast, frozen(s.seg, s.proj):
+        # frozen weights, and frozen BatchNorm statistics: these passes judge G, they must not
+        # move the running statistics that evaluation uses (raw source is not a training input)
+        with autocast, frozen(s.seg, s.proj), bn_stats_frozen(s, judge):
             with torch.no_grad():
                 emb_src = judge.proj(judge.features(x_s))
             emb_s2t = s.proj(s.features(x_s2t))
@@ -379,7 +409,7 @@ def train_step(
     _mark(state, "cut_steps")
 
     # 9. mixed branch: pixel-weighted CE (+ CAM, contrast after their gates)
-    if p.selftrain:
+    if mixing:
         with autocast:
             logits_m, f_mix = state.student(x_m)
             loss_mix = logs["seg_mix"] = seg_ce(logits_m.float(), y_m, w_m)

@@ -3,7 +3,7 @@ import dataclasses
 import pytest
 
 from confeti.__main__ import build_config
-from confeti.config import Config, get_preset, paper, scale_schedule, smoke, toy
+from confeti.config import Config, ema_alpha_for, get_preset, paper, scale_schedule, smoke, toy
 
 
 def test_paper_preset_matches_the_official_code():
@@ -15,11 +15,23 @@ def test_paper_preset_matches_the_official_code():
     assert (c.proto_warmup_iters, c.contrast_start, c.cam_mix_start) == (3000, 3000, 2000)
 
 
-def test_scale_schedule_keeps_fractions():
+def test_scale_schedule_keeps_fractions_not_time_constants():
     c = scale_schedule(paper(), 4000)
     assert c.contrast_start == 300 and c.warmup_iters == 150 and c.cam_mix_start == 200
-    assert abs(c.ema_alpha - 0.99) < 1e-12  # time constant 1000 * 0.1 = 100 iterations
-    assert scale_schedule(paper(), 40_000).ema_alpha == pytest.approx(0.999)
+    assert c.ema_alpha == 0.999 and c.proto_momentum == 0.999  # not tied to the run length
+    t = toy()
+    assert scale_schedule(t, 4 * t.iters).contrast_start == 4 * t.contrast_start
+    assert ema_alpha_for(2975, 2) == pytest.approx(0.999)  # the paper's teacher
+    assert 1 / (1 - t.ema_alpha) == pytest.approx(168, abs=1)  # the same share of a pass
+
+
+def test_toy_recipe_is_the_papers_where_it_can_be():
+    t = toy()
+    assert t.pseudo_threshold == 0.968 and t.tau == 0.1 and t.proto_top_k == 32
+    assert (t.contrast_weight, t.reg_weight, t.cam_weight, t.psc_weight) == (0.5, 2.0, 1.0, 0.1)
+    assert t.proto_resolution == "label" and t.psc_judge == "student"
+    f = t.iters / 40_000
+    assert t.contrast_start == round(3000 * f) and t.cam_mix_start == round(2000 * f)
 
 
 def test_presets_roundtrip_through_json():

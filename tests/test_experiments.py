@@ -1,0 +1,43 @@
+"""Experiments of many runs: resumable jobs, results files, the convergence rule."""
+
+import json
+
+from confeti import experiments as ex
+
+
+def test_converged_length_needs_every_method_within_a_point():
+    table = {"a": {800: 30.0, 1600: 35.0, 3200: 35.6, 6400: 35.9},
+             "b": {800: 40.0, 1600: 41.5, 3200: 43.0, 6400: 43.4}}  # fmt: skip
+    assert ex.converged_length(table) == 3200  # 1600 -> 3200: b moves 1.5
+    assert ex.converged_length(table, tol=2.0) == 1600
+    table["b"][6400] = 45.0
+    assert ex.converged_length(table) is None  # extend past 6400
+
+
+def test_tuning_grid_scores_on_the_tuning_split_only(tmp_path):
+    jobs = ex.tuning_jobs(tmp_path / "runs", tmp_path / "tune", iters=100)
+    assert len(jobs) == 12 and all(j.method == "selftrain" for j in jobs)
+    assert {j.overrides["mix_start"] for j in jobs} == {0, 8}  # 7.5 % of 100, rounded
+    j = jobs[0]
+    j.out.mkdir(parents=True)
+    (j.out / "eval.json").write_text(json.dumps({"miou": 99.0, "iou": {}}))
+    assert not j.done()  # the tuning split's score is missing
+    (j.out / "eval_tune.json").write_text(json.dumps({"miou": 41.0}))
+    assert j.done()
+    res = ex.collect(jobs, "toy", "tune")
+    assert [r["miou_tune"] for r in res["runs"]] == [41.0]
+    assert "miou" not in res["runs"][0]  # the reported split never enters a tuning result
+    assert res["commit"] and res["torch"] and res["base_config"]["preset"] == "toy"
+
+
+def test_a_job_resumes_and_evaluates_on_the_tuning_split(toy, tmp_path):
+    job = ex.Job("s", "source_only", tmp_path / "run", iters=3, eval_data=toy)
+    cmds = job.commands(toy, "smoke")
+    assert len(cmds) == 2 and "--resume" not in cmds[0]
+    ex.run_jobs([job], toy, preset="smoke", n_procs=1, progress=False)
+    assert job.done() and json.loads((job.out / "eval_tune.json").read_text())["miou"] >= 0
+    assert job.commands(toy, "smoke")[0][-1] == str(job.out / "eval_tune.json")  # no retrain
+    res = ex.collect([job], "smoke", "x")
+    assert res["runs"][0]["iters"] == 3
+    ex.write_results(res, tmp_path / "results" / "x.json")
+    assert json.loads((tmp_path / "results" / "x.json").read_text())["runs"]
