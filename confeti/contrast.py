@@ -47,9 +47,15 @@ def pixel_prototype_contrast(
     code. No valid pixel: both terms are ``emb.sum() * 0`` (zero, still in the graph).
     Shape: emb (B, D, h, w), labels (B, H, W), protos (C, D) -> {"ce": (), "reg": ()}.
     """
+    with torch.autocast(emb.device.type, enabled=False):  # logits / tau = 0.1: never in bf16
+        return _contrast_fp32(emb.float(), labels, protos.detach().float(), tau, num_samples,
+                              weight, reg_weight, generator)  # fmt: skip
+
+
+def _contrast_fp32(emb, labels, protos, tau, num_samples, weight, reg_weight, generator):
+    """The body of ``pixel_prototype_contrast``, in fp32 with autocast off."""
     b, d, h, w = emb.shape
     c = protos.shape[0]
-    protos = protos.detach().to(emb.dtype)  # prototypes never receive gradient
     lab = resize_labels(labels, (h, w)).reshape(-1)  # (B*h*w,) nearest, as the official code
     v = F.normalize(emb.permute(0, 2, 3, 1).reshape(-1, d), dim=1)  # (B*h*w, D)
     valid = torch.nonzero((lab != IGNORE_INDEX) & (lab >= 0) & (lab < c)).squeeze(1)
@@ -99,8 +105,8 @@ def semantic_consistency(
     the segmentor under ``frozen``) and into the adapter r.
     Shape: emb_src, emb_s2t (B, D, h, w), protos (C, D) -> scalar.
     """
-    protos = protos.detach()
-    src, s2t = emb_src.detach(), adapter(emb_s2t)
+    protos = protos.detach().float()
+    src, s2t = emb_src.detach().float(), adapter(emb_s2t).float()
     if judge == "teacher":
         src, s2t = F.normalize(src, dim=1), F.normalize(s2t, dim=1)
         scale = 1.0 / tau
@@ -108,9 +114,10 @@ def semantic_consistency(
         scale = 1.0
     else:
         raise ValueError(f"judge must be 'student' or 'teacher', got {judge!r}")
-    sim_src = torch.einsum("bdhw,cd->bchw", src, protos) * scale  # (B, C, h, w)
-    sim_s2t = torch.einsum("bdhw,cd->bchw", s2t, protos) * scale
-    return weight * F.mse_loss(sim_s2t, sim_src)
+    with torch.autocast(src.device.type, enabled=False):  # similarities in fp32
+        sim_src = torch.einsum("bdhw,cd->bchw", src, protos) * scale  # (B, C, h, w)
+        sim_s2t = torch.einsum("bdhw,cd->bchw", s2t, protos) * scale
+        return weight * F.mse_loss(sim_s2t, sim_src)
 
 
 @contextmanager

@@ -6,10 +6,11 @@ Taught in notebooks/04_joint_training.ipynb (and used by every notebook that tra
   narrow ``tiny`` ResNet for CPU presets. Stages 3 and 4 trade their stride for dilation 2 and 4
   (ResNet-18..101: the first 3x3 conv of a dilated stage at half that, as mmseg's
   ``contract_dilation``), so the stage-4 map is H/8 x W/8 (ceil when H, W are not multiples of 8).
-- Deviation (README): torchvision's ResNet (7x7 stem) instead of mmseg's ResNetV1c (three 3x3 stem
-  convolutions) used by the official code; ImageNet weights come from torchvision.
-- Classifier (spec §9): one 3x3 convolution per dilation (padding = dilation), outputs **summed**,
-  weights N(0, 0.01), bias 0. ``aspp_dilations=(6, 12)`` is the "reduced" head most UDA papers use:
+- Deviation (docs/deviations.md row 1): torchvision's ResNet (7x7 stem) instead of mmseg's
+  ResNetV1c (three 3x3 stem convolutions) used by the official code; ImageNet weights come from
+  torchvision.
+- Classifier (docs/method.md §2): one 3x3 convolution per dilation (padding = dilation),
+  outputs **summed**, weights N(0, 0.01), bias 0. ``aspp_dilations=(6, 12)`` is the "reduced" head most UDA papers use:
   the early DeepLab-v2 PyTorch code that AdaptSegNet published returned from inside the ASPP loop
   after the second branch, later works kept it (DAFormer calls it ``deeplabv2red``); CONFETI's
   configs use all four branches.
@@ -85,7 +86,8 @@ def _dilate_basic_stage(stage: nn.Sequential, dilation: int) -> None:
 
     The stride-2 conv and shortcut get stride 1; the first block's first conv gets dilation d/2,
     every other 3x3 conv d: the rule of torchvision's ``replace_stride_with_dilation`` for
-    Bottlenecks and of mmseg's ``contract_dilation`` (spec §9), so all four ResNets dilate alike.
+    Bottlenecks and of mmseg's ``contract_dilation`` (docs/method.md §2), so all four ResNets
+    dilate alike.
     Padding = dilation keeps each 3x3 conv size-preserving. Shape: unchanged (stays at H/8).
     """
     for i, block in enumerate(stage):

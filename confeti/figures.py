@@ -108,6 +108,8 @@ def write_figures(runs, data, out="figures", ablation=None) -> dict:
             plots.save_figure(fig, out / name)
             written[name] = str(out / name)
 
+    plots.save_figure(plots.method_diagram(), out / "method.png", dpi=plots.DIAGRAM_DPI)
+    written["method.png"] = str(out / "method.png")  # needs no run: the method itself
     loaded = load_runs(runs)
     if loaded:
         val = CityscapesDataset(data / "cityscapes", split="val", resize=None, crop_size=None)

@@ -1,6 +1,7 @@
 """Confusion matrix, per-class IoU and mIoU (19 / 16 / 13 classes), and the evaluation loop.
 
-Taught in notebooks/01_data.ipynb and used by every run. The protocol (as DAFormer, spec §12):
+Taught in notebooks/01_data.ipynb and used by every run. The protocol (as DAFormer;
+docs/method.md §11):
 whole-image inference (no sliding window, single scale, no flip) at the training scale, logits
 upsampled bilinearly (align_corners=False) to the label size, the **student** network evaluated
 (not the EMA teacher), per-class IoU from intersection and union accumulated over the whole split

@@ -152,12 +152,14 @@ class TrainState(nn.Module):
         return self.parts.contrast or self.train_style
 
 
-def set_memory_format(state: TrainState, cfg: Config) -> None:
-    """channels_last (NHWC) for the segmentor copies only: student, teacher, adapter and the
-    frozen ImageNet copy (faster convolutions in oneDNN on CPU and cuDNN on GPU). G, D and F stay
-    NCHW: ``F.instance_norm`` makes its input contiguous on every device, so in NHWC each of
-    their instance norms would copy to NCHW and the next convolution back. ``StyleTransfer``
-    feeds G and D contiguous images and returns G's output in the layout of its input."""
+def set_memory_format(state: TrainState, cfg: Config, device: torch.device) -> None:
+    """channels_last (NHWC: faster convolutions in oneDNN on CPU and cuDNN on GPU) for the
+    segmentor copies (student, teacher, adapter, the frozen ImageNet copy) and, on CPU, for G
+    and D too. Instance norm makes its input contiguous (a copy to NCHW at every norm, and one
+    back at the next convolution) except through the channels_last group-norm kernel that
+    ``stylize.InstanceNorm2d`` takes on CPU; on CUDA, where no such kernel exists, G and D stay
+    NCHW. ``StyleTransfer`` converts its inputs to its own layout and returns G's output in
+    the caller's."""
     if not cfg.channels_last:
         return
     for name, module in state.named_children():
@@ -165,6 +167,10 @@ def set_memory_format(state: TrainState, cfg: Config) -> None:
             module.to(memory_format=torch.channels_last)
     for module in state._imnet:
         module.to(memory_format=torch.channels_last)
+    if state.style is not None:
+        import os  # TEMP A/B
+        nhwc = torch.device(device).type == "cpu" and not os.environ.get("CONFETI_STYLE_NCHW")
+        state.style.set_memory_format(torch.channels_last if nhwc else torch.contiguous_format)
 
 
 def setup_device(state: TrainState, cfg: Config, device: torch.device):
@@ -172,16 +178,22 @@ def setup_device(state: TrainState, cfg: Config, device: torch.device):
     autotuning, and on CUDA autocast (bf16 where supported, else fp16 with a GradScaler on
     ``state.scaler``). Returns the autocast context for ``train_step`` (None on CPU). Batches
     should match: ``runner.to_device(..., channels_last=True)``."""
-    set_memory_format(state, cfg)
+    set_memory_format(state, cfg, device)
     if device.type != "cuda":
         return None
     torch.backends.cudnn.benchmark = True
     if not cfg.amp:
         return None
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    dtype = torch.bfloat16 if bf16_native(device) else torch.float16
     if dtype == torch.float16:
         state.scaler = torch.amp.GradScaler("cuda")
     return torch.autocast("cuda", dtype=dtype)
+
+
+def bf16_native(device: torch.device) -> bool:
+    """bf16 tensor cores (compute capability >= 8: Ampere and later). ``is_bf16_supported()``
+    also says True on a V100, T4 or 2080 Ti, where bf16 is emulated and slow: fp16 there."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
 
 
 def make_optimizer(state: TrainState, cfg: Config) -> torch.optim.Optimizer:
@@ -253,8 +265,8 @@ def train_step(
     ClassMix mask, mixed image/label/weights) -- the official debug figure, rebuilt.
 
     Order (docs/method.md §8): EMA -> stylize -> pseudo-labels -> ClassMix -> prototype update ->
-    source branch (+ consistency) -> feature distance -> CUT step -> mixed branch -> target
-    contrast -> optimizer step.
+    source branch (+ feature distance, one backward) -> consistency -> CUT step -> mixed branch
+    -> target contrast -> optimizer step.
     """
     cfg, p = state.cfg, state.parts
     autocast = amp if amp is not None else torch.autocast("cpu", enabled=False)
@@ -354,7 +366,16 @@ def train_step(
                 pc = _contrast(state, f_src.float(), y_s)
                 logs["pc_src"], logs["reg_src"] = pc["ce"], pc["reg"]
                 loss_src = loss_src + pc["ce"] + pc["reg"]
-    _backward(state, loss_src, logs, retain_graph=cfg.fd_weight > 0)
+    # 7. ImageNet feature distance on thing classes (needs a pretrained backbone), added to the
+    # source loss: one backward frees the source graph here instead of holding it until a second
+    if cfg.fd_weight > 0 and state.imnet is not None:
+        with torch.no_grad(), autocast:
+            f_in = state.imnet.features(x_s)  # the backbone only: its ASPP head is unused
+        logs["fd"] = cfg.fd_weight * feature_distance(
+            f_src.float(), f_in.float(), y_s, THING_CLASSES, cfg.fd_ratio, cfg.num_classes
+        )
+        loss_src = loss_src + logs["fd"]
+    _backward(state, loss_src, logs)
 
     _mark(state, "student_source")
 
@@ -381,17 +402,6 @@ def train_step(
         logs["psc"] = psc
 
     _mark(state, "semantic_consistency")
-
-    # 7. ImageNet feature distance on thing classes (needs a pretrained backbone)
-    if cfg.fd_weight > 0 and state.imnet is not None:
-        with torch.no_grad(), autocast:
-            _, f_in = state.imnet(x_s)
-        logs["fd"] = cfg.fd_weight * feature_distance(
-            f_src.float(), f_in.float(), y_s, THING_CLASSES, cfg.fd_ratio, cfg.num_classes
-        )
-        _backward(state, logs["fd"], logs)
-
-    _mark(state, "feature_distance")
 
     # 8. CUT step: D on (x_s2t, x_t), then G + F with GAN + PatchNCE (+ consistency)
     if state.train_style:

@@ -1,0 +1,63 @@
+"""The GPU path's logic, checked on the CPU: precision choice, fp32 similarities under
+autocast, one source backward with the feature distance, the ImageNet copy's backbone only."""
+
+import copy
+import dataclasses
+
+import torch
+
+from confeti import train as train_mod
+from confeti.bench import synthetic_batch
+from confeti.config import smoke
+from confeti.contrast import make_adapter, pixel_prototype_contrast, semantic_consistency
+from confeti.train import TrainState, bf16_native, train_step
+
+DEV = torch.device("cpu")
+
+
+def test_bf16_only_with_bf16_tensor_cores(monkeypatch):
+    assert not bf16_native(DEV)
+    cuda = torch.device("cuda", 0)
+    for cap, want in (((7, 0), False), ((7, 5), False), ((8, 0), True), ((9, 0), True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None, c=cap: c)
+        assert bf16_native(cuda) is want  # V100 / T4 / 2080 Ti: fp16 + GradScaler
+
+
+def test_contrast_and_psc_logits_stay_fp32_under_autocast():
+    g = torch.Generator().manual_seed(0)
+    emb = torch.randn(2, 16, 8, 8, generator=g)
+    labels = torch.randint(0, 5, (2, 8, 8), generator=g)
+    protos = torch.nn.functional.normalize(torch.randn(5, 16, generator=g), dim=1)
+    ref = pixel_prototype_contrast(emb, labels, protos, generator=torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = pixel_prototype_contrast(
+            emb, labels, protos, generator=torch.Generator().manual_seed(1)
+        )
+    assert low["ce"].dtype == torch.float32
+    assert torch.allclose(low["ce"], ref["ce"], atol=1e-6, rtol=0)  # bf16 would err ~1e-2
+    assert torch.allclose(low["reg"], ref["reg"], atol=1e-6, rtol=0)
+    adapter = make_adapter(16)
+    ref = semantic_consistency(emb, emb * 0.9, protos, adapter)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = semantic_consistency(emb, emb * 0.9, protos, adapter)
+    assert low.dtype == torch.float32 and torch.allclose(low, ref, rtol=2e-2)
+
+
+def _with_imnet(method):
+    cfg = dataclasses.replace(smoke(), fd_weight=0.5, fd_ratio=0.0)  # every cell qualifies
+    torch.manual_seed(0)
+    state = TrainState(cfg, method, DEV)
+    state._imnet.append(copy.deepcopy(state.student).eval().requires_grad_(False))
+    return cfg, state
+
+
+def test_feature_distance_joins_the_source_backward(monkeypatch):
+    cfg, state = _with_imnet("source_only")
+    calls, real = [], train_mod._backward
+    monkeypatch.setattr(train_mod, "_backward", lambda *a, **k: (calls.append(k), real(*a, **k)))
+    forwards = []
+    state.imnet.register_forward_hook(lambda *a: forwards.append(1))
+    logs = train_step(state, synthetic_batch(cfg, DEV), 0)
+    assert "fd" in logs and logs["fd"] > 0
+    assert len(calls) == 1 and not any(k.get("retain_graph") for k in calls)  # one backward
+    assert forwards == []  # the ImageNet copy ran its backbone only (no ASPP head)
