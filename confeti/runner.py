@@ -77,7 +77,8 @@ class StopRequest:
 
     Outside ``deferring`` (setup, data check, final evaluation) and on a second signal, the
     signal raises ``KeyboardInterrupt`` at once, as Python's default handler does. A no-op when
-    not called from the main thread (signal handlers can only be set there).
+    not called from the main thread (signal handlers can only be set there); a signal that the
+    process ignores (``nohup ... &`` ignores SIGINT) stays ignored.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
