@@ -143,7 +143,8 @@ def init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
+    if device.type == "cuda" and device.index is not None:  # also --device cuda:1 alone: the
+        torch.cuda.set_device(device)  # bf16 check, pinned memory, peak memory refer to it
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if dist.is_initialized():
@@ -397,6 +398,8 @@ def _checkpoint(state: TrainState, t: int) -> dict:
     }
     if state.style is not None:
         ck["style_optim"] = state.style.optim_state_dict()
+    if getattr(state, "scaler", None) is not None:  # fp16: resume with the scale it had
+        ck["scaler"] = state.scaler.state_dict()
     return ck
 
 
@@ -408,6 +411,8 @@ def _restore(state: TrainState, ck: dict) -> int:
     state.train_style = ck.get("train_style", state.train_style)
     if state.style is not None and "style_optim" in ck:
         state.style.load_optim_state_dict(ck["style_optim"])
+    if getattr(state, "scaler", None) is not None and "scaler" in ck:
+        state.scaler.load_state_dict(ck["scaler"])
     return int(ck["iteration"])
 
 
@@ -455,7 +460,9 @@ def _train(
     cfg.validate()
     parts = parts_of(method)
     device = resolve_device(device)
+    owns_group = not (dist.is_available() and dist.is_initialized())
     rank, world, device = init_distributed(device)
+    owns_group = owns_group and world > 1  # we started it: we end it (no NCCL leak warning)
     out = Path(out)
     if rank == 0:
         _prepare_out(out, cfg, method, resume, overwrite)
@@ -634,12 +641,14 @@ def _train(
         if cut_status is not None:
             summary["cut_pretrain"] = cut_status  # phase 0 reused from / stored in cut_cache
         if device.type == "cuda":
-            summary["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+            summary["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         if progress:
             print(format_table(result))
     if world > 1:
         dist.barrier()
+        if owns_group:
+            dist.destroy_process_group()
     return result
 
 

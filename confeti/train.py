@@ -26,6 +26,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -169,6 +170,7 @@ def set_memory_format(state: TrainState, cfg: Config, device: torch.device) -> N
         module.to(memory_format=torch.channels_last)
     if state.style is not None:
         import os  # TEMP A/B
+
         nhwc = torch.device(device).type == "cpu" and not os.environ.get("CONFETI_STYLE_NCHW")
         state.style.set_memory_format(torch.channels_last if nhwc else torch.contiguous_format)
 
@@ -465,18 +467,38 @@ def _tensors(d: dict) -> dict[str, torch.Tensor]:
     return {k: torch.as_tensor(v) for k, v in d.items()}
 
 
-def _backward(state: TrainState, loss: torch.Tensor, logs: dict, retain_graph=False) -> None:
-    """Backward of one branch; a NaN/Inf stops before any weight changes, naming the loss."""
-    for name, value in logs.items():
-        if isinstance(value, torch.Tensor) and not torch.isfinite(value).all():
-            raise FloatingPointError(f"loss {name!r} is {float(value)} (not finite)")
+def _nonfinite(logs: dict) -> str | None:
+    """The name of the first non-finite tensor in ``logs``, or None: one host sync for all."""
+    vals = [v for v in logs.values() if isinstance(v, torch.Tensor)]
+    if not vals or bool(torch.stack([torch.isfinite(v.detach()).all() for v in vals]).all()):
+        return None
+    return next(k for k, v in logs.items() if isinstance(v, torch.Tensor) and not torch.isfinite(v).all())  # fmt: skip
+
+
+def _backward(state: TrainState, loss: torch.Tensor, logs: dict) -> None:
+    """Backward of one branch; a NaN/Inf stops before the segmentor's weights change, naming the
+    loss. Under torchrun the stop waits for ``_step``, where every rank learns of it together
+    (a rank that stopped alone would leave the others waiting in the next all-reduce)."""
+    bad = _nonfinite(logs)
+    if bad is not None:
+        msg = f"loss {bad!r} is {float(logs[bad])} (not finite)"
+        if getattr(state, "sync_grads", None) is None:
+            raise FloatingPointError(msg)
+        state.nonfinite = getattr(state, "nonfinite", None) or msg
+        return
     scaler = getattr(state, "scaler", None)
-    (scaler.scale(loss) if scaler is not None else loss).backward(retain_graph=retain_graph)
+    (scaler.scale(loss) if scaler is not None else loss).backward()
 
 
 def _step(state: TrainState) -> None:
     sync = getattr(state, "sync_grads", None)
-    if sync is not None:
+    if sync is not None:  # one all-reduced flag: any rank's non-finite loss stops every rank
+        mine = getattr(state, "nonfinite", None)
+        flag = torch.tensor([1.0 if mine else 0.0], device=state.protos.protos.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        state.nonfinite = None
+        if flag.item() > 0:
+            raise FloatingPointError(mine or "a loss on another rank is not finite")
         sync(state.student)
         if state.adapter is not None:
             sync(state.adapter)

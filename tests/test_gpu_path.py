@@ -61,3 +61,53 @@ def test_feature_distance_joins_the_source_backward(monkeypatch):
     assert "fd" in logs and logs["fd"] > 0
     assert len(calls) == 1 and not any(k.get("retain_graph") for k in calls)  # one backward
     assert forwards == []  # the ImageNet copy ran its backbone only (no ASPP head)
+
+
+def test_fp16_scaler_state_is_checkpointed():
+    from confeti.runner import _checkpoint, _restore
+
+    cfg = smoke()
+    torch.manual_seed(0)
+    state = TrainState(cfg, "source_only", DEV)
+    state.scaler = torch.amp.GradScaler("cpu", init_scale=256.0, growth_interval=7)  # as after
+    # a few overflows
+    ck = _checkpoint(state, 5)
+    again = TrainState(cfg, "source_only", DEV)
+    again.scaler = torch.amp.GradScaler("cpu")  # a fresh one starts at 65,536
+    assert _restore(again, ck) == 5
+    assert again.scaler.get_scale() == 256.0 and again.scaler.get_growth_interval() == 7
+
+
+def test_a_nonfinite_loss_on_any_rank_stops_every_rank_in_step(monkeypatch):
+    """Under torchrun a rank must not stop alone: the stop is an all-reduced flag in _step."""
+    cfg = smoke()
+    torch.manual_seed(0)
+    state = TrainState(cfg, "source_only", DEV)
+    state.sync_grads = lambda module: None  # as under torchrun
+    seen = []
+
+    def all_reduce(t, op=None):  # another rank reports a NaN
+        seen.append(op)
+        t.fill_(1.0)
+
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    before = [p.clone() for p in state.student.parameters()]
+    try:
+        train_step(state, synthetic_batch(cfg, DEV), 0)
+    except FloatingPointError as e:
+        assert "another rank" in str(e)
+    else:
+        raise AssertionError("the step did not stop")
+    assert seen == [torch.distributed.ReduceOp.MAX]
+    assert all(torch.equal(a, b) for a, b in zip(before, state.student.parameters()))
+    # and a NaN here, under torchrun, waits for _step instead of raising alone
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda t, op=None: None)
+    logs = {"seg_src": torch.tensor(float("nan"))}
+    train_mod._backward(state, torch.tensor(1.0, requires_grad=True), logs)
+    assert "seg_src" in state.nonfinite
+    try:
+        train_mod._step(state)
+    except FloatingPointError as e:
+        assert "seg_src" in str(e)
+    else:
+        raise AssertionError("_step did not stop on this rank's NaN")
