@@ -40,6 +40,7 @@ RUN_COST = {
     "contrast": 0.35,
     "selftrain": 0.3,
     "source_only": 0.12,
+    "fda": 0.13,
     "oracle": 0.12,
 }
 

@@ -21,6 +21,7 @@ PRESETS = ("smoke", "toy", "paper")
 METHODS = (
     "source_only",
     "oracle",
+    "fda",
     "style",
     "contrast",
     "selftrain",
@@ -91,6 +92,7 @@ class Config:
     cut_lr: float = 2e-4
     style_pretrain_iters: int = 0  # phase 0: standalone CUT before the segmentor trains
     style_joint: bool = True  # keep training G (CUT + consistency) while the segmentor trains
+    fda_beta: float = 0.01  # the fda method: swapped low-frequency window, b = beta * min(H, W)
 
     # ---- feature-level alignment: prototypes and contrast ---------------------------------
     proto_dim: int = 512
@@ -244,6 +246,7 @@ def toy() -> Config:
         num_patches=64,
         cut_lr=2e-4,
         style_pretrain_iters=300,  # phase 0: G learns the city look before the segmentor uses it
+        fda_beta=0.05,  # b = 3 at 64 px (0.01 would swap the mean colour only; 5 at 512 px)
         proto_dim=64,
         # one weight set, the paper's code (v1): contrast 0.5, regulariser 2.0, CAM 1.0, PSC 0.1
         contrast_weight=0.5,

@@ -33,7 +33,7 @@ from .config import get_preset, scale_schedule
 
 # relative cost of one iteration of each method (toy preset, measured with `bench`)
 COST = {"confeti": 9.0, "selftrain+style": 7.5, "style": 6.0, "contrast": 3.0,
-        "selftrain+contrast": 3.5, "selftrain": 2.5, "source_only": 1.0, "oracle": 1.0}  # fmt: skip
+        "selftrain+contrast": 3.5, "selftrain": 2.5, "source_only": 1.0, "oracle": 1.0, "fda": 1.1}  # fmt: skip
 
 
 @dataclass
@@ -47,6 +47,7 @@ class Job:
     seed: int = 0
     overrides: dict = field(default_factory=dict)
     eval_data: Path | None = None  # also evaluate on this folder's cityscapes/val -> eval_tune.json
+    cut_cache: Path | None = None  # phase 0 (CUT pre-training) shared between runs with G
 
     def cost(self) -> float:
         return COST.get(self.method, 1.0) * self.iters
@@ -62,6 +63,8 @@ class Job:
                       "--out", str(self.out), "--iters", str(self.iters), "--seed", str(self.seed)]  # fmt: skip
         for k, v in self.overrides.items():
             train += ["--set", f"{k}={v}"]
+        if self.cut_cache is not None:
+            train += ["--cut-cache", str(self.cut_cache)]
         if (self.out / "config.json").exists():
             train.append("--resume")
         cmds = [] if (self.out / "eval.json").exists() else [train]
@@ -162,7 +165,10 @@ def tuning_jobs(out: Path, tune_data: Path, iters: int, seed: int = 0) -> list[J
 
 
 def convergence_jobs(out: Path, methods, lengths, seed: int = 0) -> list[Job]:
-    return [Job(f"{m}@{n}", m, out / m.replace("+", "_") / f"iters{n}", n, seed)
+    """One run per method and length; the runs with G share their phase 0 (it does not depend
+    on the run length)."""
+    return [Job(f"{m}@{n}", m, out / m.replace("+", "_") / f"iters{n}", n, seed,
+                cut_cache=out / "cut_cache")
             for m in methods for n in lengths]  # fmt: skip
 
 

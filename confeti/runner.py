@@ -167,11 +167,17 @@ def _average(tensors: list[torch.Tensor]) -> None:
 
 def average_gradients(module: torch.nn.Module) -> None:
     """What DDP does, for a step with several backward passes: average the gradients over ranks,
-    then give every rank rank 0's BatchNorm statistics (DDP's ``broadcast_buffers``)."""
+    then give every rank rank 0's BatchNorm statistics (DDP's ``broadcast_buffers``), all of
+    them in one flat broadcast instead of one call per buffer."""
     _average([p.grad for p in module.parameters() if p.grad is not None])
-    for b in module.buffers():
-        if b.is_floating_point():
-            dist.broadcast(b, 0)
+    bufs = [b for b in module.buffers() if b.is_floating_point()]
+    if bufs:
+        flat = torch.cat([b.reshape(-1) for b in bufs])
+        dist.broadcast(flat, 0)
+        offset = 0
+        for b in bufs:
+            b.copy_(flat[offset : offset + b.numel()].view_as(b))
+            offset += b.numel()
 
 
 def sync_optimizer(opt: torch.optim.Optimizer) -> None:
@@ -260,12 +266,19 @@ def build_data(
             raise RunError(f"crop_size {cfg.crop_size} is larger than the {name} images ({h}x{w})")
     rcs = None
     if cfg.rcs and not parts_of(method).oracle:
+        # the class statistics decode every source label once: rank 0 computes and writes
+        # them (atomically), the other ranks read its file after the barrier
+        ddp = dist.is_available() and dist.is_initialized()
+        if ddp and dist.get_rank() > 0:
+            dist.barrier()
         rcs = RareClassSampler(
             source,
             temperature=cfg.rcs_temperature,
             min_pixels=cfg.rcs_min_pixels,
             num_classes=cfg.num_classes,
         )
+        if ddp and dist.get_rank() == 0:
+            dist.barrier()
     return Data(source, target, val, rcs)
 
 

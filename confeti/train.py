@@ -2,7 +2,8 @@
 the official code (docs/method.md §8), and the models it works on.
 
 Taught in notebooks/04_joint_training.ipynb. Every method of the ablation is this same step with
-parts switched off (``Parts``): ``source_only`` trains on raw source; ``style`` adds the CUT
+parts switched off (``Parts``): ``source_only`` trains on raw source; ``fda`` on source images
+given a target image's low-frequency amplitude (a fixed translation, no G); ``style`` adds the CUT
 generator G (x_s -> x_s2t) and its consistency loss; ``contrast`` adds the CAM head, prototypes and
 the pixel-to-prototype contrast on source and target; ``selftrain`` adds the EMA teacher,
 pseudo-labels and ClassMix (DACS/DAFormer); ``confeti`` is all of them.
@@ -39,6 +40,7 @@ from .contrast import (
     semantic_consistency,
 )
 from .deeplab import DeepLabV2
+from .fda import fda_transfer
 from .labels import IGNORE_INDEX, THING_CLASSES
 from .prototypes import CAMHead, ProjectionHead, PrototypeMemory, cam_loss
 from .selftrain import (
@@ -61,6 +63,7 @@ class Parts:
     contrast: bool = False  # feature-level alignment: CAM head + prototypes + contrast
     selftrain: bool = False  # EMA teacher + pseudo-labels + ClassMix
     oracle: bool = False  # train on labelled target (upper bound)
+    fda: bool = False  # a fixed translation instead of G: Fourier domain adaptation
 
 
 def parts_of(method: str) -> Parts:
@@ -71,6 +74,7 @@ def parts_of(method: str) -> Parts:
         contrast="contrast" in method or method == "confeti",
         selftrain="selftrain" in method or method == "confeti",
         oracle=method == "oracle",
+        fda=method == "fda",
     )
 
 
@@ -153,26 +157,21 @@ class TrainState(nn.Module):
         return self.parts.contrast or self.train_style
 
 
-def set_memory_format(state: TrainState, cfg: Config, device: torch.device) -> None:
-    """channels_last (NHWC: faster convolutions in oneDNN on CPU and cuDNN on GPU) for the
-    segmentor copies (student, teacher, adapter, the frozen ImageNet copy) and, on CPU, for G
-    and D too. Instance norm makes its input contiguous (a copy to NCHW at every norm, and one
-    back at the next convolution) except through the channels_last group-norm kernel that
-    ``stylize.InstanceNorm2d`` takes on CPU; on CUDA, where no such kernel exists, G and D stay
-    NCHW. ``StyleTransfer`` converts its inputs to its own layout and returns G's output in
-    the caller's."""
+def set_memory_format(state: TrainState, cfg: Config) -> None:
+    """channels_last (NHWC: faster convolutions in oneDNN on CPU and cuDNN on GPU) for every
+    model of the run: the segmentor copies, the adapter, G/D/F and the frozen ImageNet copy
+    (kept out of the module tree, so converted here). G and D stay NHWC although
+    ``F.instance_norm`` makes its input contiguous (a copy to NCHW at each norm, one back at the
+    next convolution): their thin convolutions gain more in NHWC than the copies cost (README,
+    Performance). ``StyleTransfer`` converts its inputs to G's layout and returns G's output in
+    the caller's, so either layout works."""
     if not cfg.channels_last:
         return
-    for name, module in state.named_children():
-        if name != "style":
-            module.to(memory_format=torch.channels_last)
+    state.to(memory_format=torch.channels_last)
     for module in state._imnet:
         module.to(memory_format=torch.channels_last)
     if state.style is not None:
-        import os  # TEMP A/B
-
-        nhwc = torch.device(device).type == "cpu" and not os.environ.get("CONFETI_STYLE_NCHW")
-        state.style.set_memory_format(torch.channels_last if nhwc else torch.contiguous_format)
+        state.style.set_memory_format(torch.channels_last)
 
 
 def setup_device(state: TrainState, cfg: Config, device: torch.device):
@@ -180,7 +179,7 @@ def setup_device(state: TrainState, cfg: Config, device: torch.device):
     autotuning, and on CUDA autocast (bf16 where supported, else fp16 with a GradScaler on
     ``state.scaler``). Returns the autocast context for ``train_step`` (None on CPU). Batches
     should match: ``runner.to_device(..., channels_last=True)``."""
-    set_memory_format(state, cfg, device)
+    set_memory_format(state, cfg)
     if device.type != "cuda":
         return None
     torch.backends.cudnn.benchmark = True
@@ -292,6 +291,10 @@ def train_step(
         else:
             with torch.no_grad(), autocast:
                 x_s2t = state.style.translate(x_s)
+    elif p.fda:  # a fixed translation: the low-frequency amplitude of a random target image
+        x_s2t = fda_transfer(
+            x_s, x_t[torch.randperm(x_t.shape[0], device=x_t.device)], cfg.fda_beta
+        )
     else:
         x_s2t = x_s
     x_src = x_s2t.detach().float()  # segmentation never reaches G

@@ -153,3 +153,31 @@ def test_the_mixed_branch_waits_for_its_gate(method):
     state = _state(method, cfg)
     assert "seg_mix" not in train_step(state, batch, 4)
     assert "seg_mix" in train_step(state, batch, 5)
+
+
+# ---- fda: a training-free translation baseline ---------------------------------------------------
+def test_fda_swaps_the_low_frequency_amplitude_and_keeps_the_phase():
+    from confeti.datasets import denormalize, normalize
+    from confeti.fda import fda_transfer, low_freq_window
+
+    g = torch.Generator().manual_seed(0)
+    src = torch.rand(2, 3, 32, 64, generator=g) * 0.5 + 0.25
+    tgt = (torch.rand(2, 3, 32, 64, generator=g) * 0.3 + 0.1).flip(0)
+    out = denormalize(fda_transfer(normalize(src), normalize(tgt), beta=0.1))
+    assert low_freq_window(32, 64, 0.1) == 3
+    # the mean colour (frequency 0) is the target's; the fine detail (the phase) the source's
+    assert torch.allclose(out.mean((2, 3)), tgt.mean((2, 3)), atol=2e-3)
+    hi = lambda x: x - torch.nn.functional.avg_pool2d(x, 5, 1, 2, count_include_pad=False)  # noqa: E731
+    corr = torch.corrcoef(torch.stack([hi(out).flatten(), hi(src).flatten()]))[0, 1]
+    assert corr > 0.9
+    same = denormalize(fda_transfer(normalize(src), normalize(src), beta=0.1))
+    assert torch.allclose(same, src, atol=1e-4)  # its own spectrum: unchanged
+
+
+def test_the_fda_method_trains_on_translated_source_without_self_training():
+    cfg = _cfg()
+    state = _state("fda", cfg)
+    debug = {}
+    logs = train_step(state, synthetic_batch(cfg, DEV), 0, debug=debug)
+    assert set(logs) == {"seg_src"} and state.teacher is None and state.style is None
+    assert not torch.allclose(debug["x_s2t"], debug["x_s"])
