@@ -35,11 +35,11 @@ def from_cut_range(y: torch.Tensor) -> torch.Tensor:
     return normalize(y * 0.5 + 0.5)
 
 
-def _into_cut(x: torch.Tensor) -> torch.Tensor:
-    """``to_cut_range`` in contiguous NCHW: G and D run in that layout whatever the caller's
-    (``F.instance_norm`` makes its input contiguous, so in channels_last every instance norm
-    would copy to NCHW and the next convolution back)."""
-    return to_cut_range(x).contiguous()
+def _into_cut(x: torch.Tensor, memory_format=None) -> torch.Tensor:
+    """``to_cut_range`` in the memory layout G and D run in (``StyleTransfer.memory_format``;
+    None: the caller's)."""
+    y = to_cut_range(x)
+    return y if memory_format is None else y.contiguous(memory_format=memory_format)
 
 
 def _out_of_cut(y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -229,14 +229,12 @@ class PatchSampleMLP(nn.Module):
     def forward(self, feats, num_patches: int, patch_ids=None):
         samples, ids = [], []
         for layer, (feat, mlp) in enumerate(zip(feats, self.mlps)):
-            flat = feat.flatten(2)  # (B, C, H, W) -> (B, C, H·W): a view in NCHW and NHWC
-            hw = flat.shape[2]
+            flat = feat.permute(0, 2, 3, 1).flatten(1, 2)  # (B, C, H, W) -> (B, H·W, C)
+            hw = flat.shape[1]
             # as in the official code: one random set of positions for the whole batch
             idx = patch_ids[layer] if patch_ids is not None else torch.randperm(hw)[:num_patches]
             idx = idx.to(feat.device)
-            # gather the N positions first, then (B, C, N) -> (B, N, C) -> (B·N, C): no copy
-            # of the whole feature map in either layout
-            z = mlp(flat[:, :, idx].transpose(1, 2).flatten(0, 1))  # -> (B·N, dim)
+            z = mlp(flat[:, idx, :].flatten(0, 1))  # (B, N, C) -> (B·N, dim)
             samples.append(z / (z.norm(dim=1, keepdim=True) + 1e-7))  # z/||z|| (official eps)
             ids.append(idx)
         return samples, ids
@@ -303,6 +301,16 @@ class StyleTransfer(nn.Module):
             name: torch.optim.Adam(net.parameters(), lr=lr, betas=tuple(betas), foreach=True)
             for name, net in (("G", self.G), ("D", self.D), ("F", self.F))
         }
+        self.memory_format = None  # of G's and D's activations (None: the caller's)
+
+    def set_memory_format(self, memory_format) -> None:
+        """Run G and D in ``memory_format`` (weights and activations) whatever the caller's
+        layout; G's output goes back in the layout of its input."""
+        self.to(memory_format=memory_format)
+        self.memory_format = memory_format
+
+    def _cut(self, x: torch.Tensor) -> torch.Tensor:
+        return _into_cut(x, self.memory_format)
 
     def optim_state_dict(self) -> dict:
         return {name: opt.state_dict() for name, opt in self.optimizers.items()}
@@ -313,8 +321,8 @@ class StyleTransfer(nn.Module):
 
     def translate(self, x_s: torch.Tensor) -> torch.Tensor:
         """x_s2t = G(x_s), graph to G kept. Shape: (B, 3, H, W) -> same, ImageNet-normalised,
-        in the memory layout of x_s (G itself runs in NCHW)."""
-        return _out_of_cut(self.G(_into_cut(x_s)), x_s)
+        in the memory layout of x_s (G runs in ``memory_format``)."""
+        return _out_of_cut(self.G(self._cut(x_s)), x_s)
 
     def translate_with_keys(self, x_s: torch.Tensor):
         """x_s2t = G(x_s) and G's encoder outputs at the NCE layers from the same pass.
@@ -323,7 +331,7 @@ class StyleTransfer(nn.Module):
         fresh ``G.encode(x_s)`` while G has not stepped (the official code re-encodes x_s).
         Shape: (B, 3, H, W) -> (B, 3, H, W), [(B, C_l, H_l, W_l)].
         """
-        y, feats = self.G(_into_cut(x_s), self.nce_layers)
+        y, feats = self.G(self._cut(x_s), self.nce_layers)
         return _out_of_cut(y, x_s), [f.detach() for f in feats]
 
     def _nce(self, a: torch.Tensor, b: torch.Tensor, keys=None) -> torch.Tensor:
@@ -339,7 +347,7 @@ class StyleTransfer(nn.Module):
 
     def nce(self, x_a: torch.Tensor, x_b: torch.Tensor) -> torch.Tensor:
         """PatchNCE, keys from x_a, queries from x_b (ImageNet-normalised). Shape: -> ()."""
-        return self._nce(_into_cut(x_a), _into_cut(x_b))
+        return self._nce(self._cut(x_a), self._cut(x_b))
 
     def _step(self, loss: torch.Tensor, names, scaler) -> None:
         if scaler is None:
@@ -355,7 +363,7 @@ class StyleTransfer(nn.Module):
         """L_D = ½[MSE(D(x̃_s.detach()), 0) + MSE(D(x_t), 1)]; one D step. Returns {"loss_D"}."""
         self.D.requires_grad_(True)
         self.optimizers["D"].zero_grad(set_to_none=True)
-        fake, real = _into_cut(x_s2t.detach()), _into_cut(x_t)
+        fake, real = self._cut(x_s2t.detach()), self._cut(x_t)
         # one D pass over [fake; real]: D has no batch statistics (InstanceNorm), so this equals
         # two passes, with half the kernel launches
         pred_fake, pred_real = self.D(torch.cat([fake, real])).split([len(fake), len(real)])
@@ -375,7 +383,7 @@ class StyleTransfer(nn.Module):
         flags = [p.requires_grad for p in self.D.parameters()]
         self.D.requires_grad_(False)
         try:
-            src, tgt, fake = _into_cut(x_s), _into_cut(x_t), _into_cut(x_s2t)
+            src, tgt, fake = self._cut(x_s), self._cut(x_t), self._cut(x_s2t)
             # as in the official code (nce_idt): identity NCE on G(x_t); keys of x_t from this pass
             idt, tgt_feats = self.G(tgt, self.nce_layers)
             loss_gan = self.lambda_gan * lsgan_loss(self.D(fake), True)

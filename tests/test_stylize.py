@@ -379,37 +379,44 @@ def test_d_step_on_one_concatenated_batch_equals_two_passes():
 def _cut_pass(st, x_s, x_t):
     """G with keys, D on [fake; real], F and PatchNCE; one backward of GAN + NCE + D losses."""
     x_s2t, keys = st.translate_with_keys(x_s)
-    torch.manual_seed(1)  # the same patch positions in both layouts
-    nce = st._nce(to_cut_range(x_s), to_cut_range(x_s2t), keys)
-    d = st.D(torch.cat([to_cut_range(x_s2t), to_cut_range(x_t)]).contiguous())
+    torch.manual_seed(1)  # the same patch positions in every layout
+    nce = st._nce(st._cut(x_s), st._cut(x_s2t), keys)
+    d = st.D(torch.cat([st._cut(x_s2t), st._cut(x_t)]))
     loss = nce + lsgan_loss(d[:2], True) + lsgan_loss(d[2:], False)
     loss.backward()
     grads = [[p.grad for p in net.parameters()] for net in (st.G, st.D, st.F)]
     return [x_s2t, *keys, d, nce], grads
 
 
-def test_nchw_cut_modules_give_the_outputs_and_gradients_of_channels_last():
-    """G/D/F now stay NCHW while the segmentor is channels_last (setup_device); the old layout
-    (G/D/F weights channels_last, as setup_device did before) computes the same maths."""
-    torch.manual_seed(0)
-    new = StyleTransfer(**{**TINY, "num_patches": 16})
-    old = copy.deepcopy(new).to(memory_format=torch.channels_last)
-    x_s, x_t = (x.contiguous(memory_format=torch.channels_last) for x in _pair(h=32, w=64))
-    out_new, grads_new = _cut_pass(new, x_s, x_t)
-    out_old, grads_old = _cut_pass(old, x_s, x_t)
-    # G runs in NCHW, and hands its output back in the caller's layout (the segmentor's)
-    assert next(new.G.parameters()).is_contiguous()
-    assert out_new[0].is_contiguous(memory_format=torch.channels_last)
-    assert all(f.is_contiguous() for f in out_new[1:-1])
-    for a, b in zip(out_new, out_old):
-        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
-    for net_new, net_old in zip(grads_new, grads_old):  # G, D, F
-        assert len(net_new) == len(net_old) and all(g is not None for g in net_new)
+def _assert_same_cut_pass(a, b):
+    (out_a, grads_a), (out_b, grads_b) = a, b
+    for x, y in zip(out_a, out_b):  # float rounding: ~1e-6 of each tensor's scale
+        assert torch.allclose(x, y, rtol=1e-5, atol=1e-5 * float(y.abs().max()))
+    for net_a, net_b in zip(grads_a, grads_b):  # G, D, F
+        assert len(net_a) == len(net_b) and all(g is not None for g in net_a)
         # biases before an instance norm have a zero gradient in exact arithmetic: their float
         # noise is compared at the scale of the network's largest gradient
-        scale = max(float(g.abs().max()) for g in net_old)
-        for a, b in zip(net_new, net_old):
-            assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * scale)
+        scale = max(float(g.abs().max()) for g in net_b)
+        for x, y in zip(net_a, net_b):
+            assert torch.allclose(x, y, rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_cut_modules_give_the_same_outputs_and_gradients_in_both_layouts():
+    """G/D/F in NCHW and in channels_last (as before: every instance norm copies to NCHW and
+    the next convolution back) compute the same maths; G's output comes back in the caller's
+    layout (the segmentor's) and G's features stay in G's."""
+    torch.manual_seed(0)
+    base = StyleTransfer(**{**TINY, "num_patches": 16})
+    x_s, x_t = (x.contiguous(memory_format=torch.channels_last) for x in _pair(h=32, w=64))
+    nhwc, nchw = copy.deepcopy(base), copy.deepcopy(base)
+    nhwc.set_memory_format(torch.channels_last)
+    nchw.set_memory_format(torch.contiguous_format)
+    assert all(p.is_contiguous() for p in nchw.G.parameters())
+    new, old = _cut_pass(nchw, x_s, x_t), _cut_pass(nhwc, x_s, x_t)
+    assert all(f.is_contiguous() for f in new[0][1:-2])  # NCHW keys
+    for run in (new, old):
+        assert run[0][0].is_contiguous(memory_format=torch.channels_last)  # as x_s
+    _assert_same_cut_pass(new, old)
 
 
 def test_patch_sampler_gathers_the_same_patches_in_both_layouts():
