@@ -2,11 +2,13 @@
 
 For each method: seconds per iteration (median of ``repeats`` after three warm-up iterations),
 images/s (source + target crops), peak memory (CPU: the process's max RSS so far; GPU: max
-allocated), and for CONFETI the split of one iteration into phases (``train._mark``); the
-standalone CUT iteration the same way (``cut_iteration``). Utilisation = achieved
-FLOP/s of the iteration (``torch.utils.flop_counter``) / the machine's peak at the same dtype,
-the faster of a large matmul and a large convolution (on AMD CPUs oneDNN's convolutions run
-about twice as fast as MKL's matmul, so the matmul alone would flatter the utilisation).
+allocated), and the split of one iteration into phases (``train._mark``, mean seconds); the
+standalone CUT iteration the same way (``cut_iteration``), with the time of a run's phase 0
+(``style_pretrain_iters`` of them, trained once per seed with ``--cut-cache``).
+Utilisation = achieved FLOP/s of the iteration (``torch.utils.flop_counter``) / the machine's
+peak at the same dtype, the faster of a large matmul and a large convolution (on AMD CPUs
+oneDNN's convolutions run about twice as fast as MKL's matmul, so the matmul alone would
+flatter the utilisation).
 Synthetic batches (random images, random blocky labels) so no data set is needed; with ``data``
 the loader (readers, crops, augmentation, RCS) is timed too, to compare with the model's images/s.
 """
@@ -137,7 +139,7 @@ def bench_method(cfg: Config, method: str, device, repeats: int = 5) -> dict:
     clock = PhaseClock(device)
     for i in range(repeats):
         clock.reset()
-        state.clock = clock if method == "confeti" else None
+        state.clock = clock
         t0 = time.perf_counter()
         train_step(state, batch, t + 3 + i, amp=amp)
         _sync(device)
@@ -154,8 +156,7 @@ def bench_method(cfg: Config, method: str, device, repeats: int = 5) -> dict:
         "gflop_per_iter": round(flops / 1e9, 2),
         "achieved_gflops": round(flops / sec / 1e9, 2),
     }
-    if method == "confeti":
-        out["phases_sec"] = {k: round(v / repeats, 4) for k, v in clock.totals.items()}
+    out["phases_sec"] = {k: round(v / repeats, 4) for k, v in clock.totals.items()}
     return out
 
 
@@ -175,6 +176,8 @@ def bench_cut(cfg: Config, device, repeats: int = 5) -> dict:
         "sec_per_iter": round(sec, 4),
         "gflop_per_iter": round(fc.get_total_flops() / 1e9, 2),
         "achieved_gflops": round(fc.get_total_flops() / sec / 1e9, 2),
+        "style_pretrain_iters": cfg.style_pretrain_iters,
+        "phase0_sec": round(sec * cfg.style_pretrain_iters, 1),  # once per seed with a cut cache
     }
 
 

@@ -11,6 +11,7 @@ def test_bench_reports_every_method_and_phase(toy):
     assert res["peak_gflops"] == max(res["matmul_peak_gflops"], res["conv_peak_gflops"])
     cut = res["cut_iteration"]
     assert cut["sec_per_iter"] > 0 and cut["gflop_per_iter"] > 0 and cut["utilisation"] > 0
+    assert cut["style_pretrain_iters"] == smoke().style_pretrain_iters and cut["phase0_sec"] >= 0
     loader = res["loader"]
     assert loader["images_per_sec"] > 0 and loader["sec_per_batch"] > 0
     assert loader["vs_slowest_method"] > 0
@@ -18,6 +19,8 @@ def test_bench_reports_every_method_and_phase(toy):
     for r in res["methods"].values():
         assert r["sec_per_iter"] > 0 and r["images_per_sec"] > 0 and r["peak_memory_mb"] > 0
         assert r["gflop_per_iter"] > 0 and 0 < r["utilisation"]
+        assert r["phases_sec"]["student_source"] > 0 and r["phases_sec"]["optimizer"] > 0
+    assert res["methods"]["style"]["phases_sec"]["cut_steps"] > 0
     phases = res["methods"]["confeti"]["phases_sec"]
     for name in (
         "stylize",
