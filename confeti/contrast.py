@@ -63,7 +63,7 @@ def _contrast_fp32(emb, labels, protos, tau, num_samples, weight, reg_weight, ge
         zero = emb.sum() * 0
         return {"ce": zero, "reg": zero}
     v, lab = v[valid], lab[valid]
-    gen_device = generator.device if generator is not None else "cpu"
+    gen_device = generator.device if generator is not None else v.device  # drawn where v is
     pick = torch.randperm(len(v), generator=generator, device=gen_device)[:num_samples]
     pick = pick.to(v.device)  # S: min(num_samples, N) pixels without replacement
     logits = v[pick] @ protos.t() / tau  # (S, C) = v~_n . P_k / tau

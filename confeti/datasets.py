@@ -29,17 +29,29 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+_STATS: dict = {}  # (device, dtype) -> (mean, std): copied to a GPU once, not per call
+
+
+def _mean_std(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    key = (x.device, x.dtype)
+    if key not in _STATS:
+        with torch.inference_mode(False):  # a plain constant, usable in any graph later
+            _STATS[key] = tuple(
+                torch.tensor(v, device=x.device, dtype=x.dtype).view(3, 1, 1)
+                for v in (IMAGENET_MEAN, IMAGENET_STD)
+            )
+    return _STATS[key]
+
+
 def normalize(img: torch.Tensor) -> torch.Tensor:
     """RGB in [0, 1] -> ImageNet-normalised. Shape: (..., 3, H, W) -> same."""
-    mean = img.new_tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = img.new_tensor(IMAGENET_STD).view(3, 1, 1)
+    mean, std = _mean_std(img)
     return (img - mean) / std
 
 
 def denormalize(x: torch.Tensor) -> torch.Tensor:
     """ImageNet-normalised -> RGB in [0, 1] (not clamped). Shape: (..., 3, H, W) -> same."""
-    mean = x.new_tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = x.new_tensor(IMAGENET_STD).view(3, 1, 1)
+    mean, std = _mean_std(x)
     return x * std + mean
 
 

@@ -173,19 +173,17 @@ class PrototypeMemory(nn.Module):
         if dist.is_available() and dist.is_initialized():  # every rank: the same prototypes
             dist.all_reduce(sums)
             dist.all_reduce(totals)
-        updated = {}
-        for k in torch.nonzero(totals > 0).squeeze(1).tolist():
-            mu = F.normalize(sums[k] / totals[k], dim=0)  # mu^_k = mu_k / ||mu_k||
-            n = int(self.counts[k])
-            if n == 0:
-                self.protos[k] = mu  # the first observation replaces: P_k <- mu^_k
-            else:  # P_k <- m_k P_k + (1 - m_k) mu^_k,  m_k = min(1 - 1/(n_k + 1), momentum)
-                m = min(1 - 1 / (n + 1), self.momentum) if self.ramp else self.momentum
-                self.protos[k] = m * self.protos[k] + (1 - m) * mu.to(self.protos.dtype)
-            self.counts[k] += 1
-            updated[k] = int(pixels[k])
+        seen = totals > 0  # (C,) the classes this batch updates
+        mu = F.normalize(sums / totals.clamp_min(1e-12)[:, None], dim=1)  # mu^_k = mu_k / ||mu_k||
+        n = self.counts.double()  # updates so far; m_k = min(1 - 1/(n_k + 1), momentum)
+        m = torch.clamp(1 - 1 / (n + 1), max=self.momentum) if self.ramp else torch.full_like(n, self.momentum)  # fmt: skip
+        m = torch.where(n == 0, torch.zeros_like(m), m).to(self.protos.dtype)[:, None]
+        new = m * self.protos + (1 - m) * mu.to(self.protos.dtype)  # P_k <- m_k P_k + (1-m_k) mu^_k
+        self.protos.copy_(torch.where(seen[:, None], new, self.protos))  # n_k = 0: P_k <- mu^_k
+        self.counts += seen.long()
         self.protos.copy_(F.normalize(self.protos, dim=1))  # unit rows; zero rows stay zero
-        return updated
+        flags, used = torch.stack([seen.long(), pixels.to(seen.device)]).tolist()  # one sync
+        return {k: u for k, (f, u) in enumerate(zip(flags, used)) if f}
 
 
 def sample_bilinear(emb: torch.Tensor, index: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

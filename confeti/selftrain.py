@@ -22,6 +22,7 @@ from torch import nn
 
 from .datasets import denormalize, normalize
 from .labels import IGNORE_INDEX, NUM_CLASSES, THING_CLASSES
+from .prototypes import class_presence
 
 
 # ---- EMA teacher (docs/method.md §3.1) ------------------------------------------------------
@@ -51,19 +52,19 @@ def ema_update(teacher: nn.Module, student: nn.Module, iteration: int, alpha: fl
 @torch.no_grad()
 def pseudo_label(
     logits: torch.Tensor, threshold: float = 0.968, ignore_top: int = 15, ignore_bottom: int = 120
-) -> tuple[torch.Tensor, torch.Tensor, float]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Teacher logits -> hard pseudo-labels ŷ, pixel weights and the quality q.
 
     ŷ = argmax_c softmax(logits); q = |{pixels of the whole batch with max_c p ≥ threshold}| / |pixels|
     (one scalar, as DACS); weights = q everywhere except the top ``ignore_top`` and bottom
     ``ignore_bottom`` rows of each crop, which get 0 (0 rows = no band).
 
-    Shape: logits (B, C, H, W) -> labels (B, H, W) long, weights (B, H, W) float, q float.
+    Shape: logits (B, C, H, W) -> labels (B, H, W) long, weights (B, H, W) float, q () tensor.
     """
     probs = torch.softmax(logits.float(), dim=1)  # (B, C, H, W)
     conf, labels = probs.max(dim=1)  # (B, H, W) each
-    q = (conf >= threshold).float().mean().item()  # q = mean[max_c p ≥ τ_p]
-    weights = torch.full_like(conf, q)  # w = q
+    q = (conf >= threshold).float().mean()  # q = mean[max_c p ≥ τ_p], a tensor: no host sync
+    weights = q.expand_as(conf).clone()  # w = q
     if ignore_top > 0:
         weights[:, :ignore_top, :] = 0.0
     if ignore_bottom > 0:
@@ -72,28 +73,33 @@ def pseudo_label(
 
 
 # ---- ClassMix (docs/method.md §3.3) ----------------------------------------------------------
-def class_mix_masks(labels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def class_mix_masks(
+    labels: torch.Tensor,
+    generator: torch.Generator | None = None,
+    num_classes: int = NUM_CLASSES,
+) -> torch.Tensor:
     """ClassMix masks: per image, ⌈n/2⌉ of its own n classes, drawn without replacement.
 
     M_i = 1 where y_i ∈ chosen classes. This fixes a quirk of the official code (DACS/DAFormer
     draw from ``torch.unique`` of the whole batch, so an image may get a class it lacks, or 255):
     here the draw is from the classes of image i only, never 255. An image with no valid class
-    gets an all-zero mask.
+    gets an all-zero mask. Vectorised over the batch, no host synchronisation: every class gets a
+    uniform random score, and an image keeps the ⌈n/2⌉ of its present classes that score lowest
+    (a uniform subset of that size).
 
     Shape: labels (B, H, W) long -> masks (B, H, W) float in {0, 1}.
     """
-    gen_device = generator.device if generator is not None else "cpu"
-    masks = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
-    for i in range(labels.shape[0]):
-        classes = torch.unique(labels[i])
-        classes = classes[classes != IGNORE_INDEX]  # never paste "ignore"
-        n = classes.numel()
-        if n == 0:
-            continue
-        perm = torch.randperm(n, generator=generator, device=gen_device).to(labels.device)
-        chosen = classes[perm[: math.ceil(n / 2)]]  # ⌈n/2⌉ classes, uniform, no replacement
-        masks[i] = torch.isin(labels[i], chosen).float()
-    return masks
+    b, c = labels.shape[0], num_classes
+    present = class_presence(labels, c).bool()  # (B, C) z_{b,k}
+    dev = generator.device if generator is not None else labels.device
+    scores = torch.rand(b, c, generator=generator, device=dev).to(labels.device)  # (B, C)
+    scores = scores.masked_fill(~present, 2.0)  # absent classes rank last
+    ranks = scores.argsort(dim=1).argsort(dim=1)  # rank of each class within its image
+    half = (present.sum(1) + 1) // 2  # ⌈n/2⌉
+    chosen = present & (ranks < half[:, None])  # (B, C)
+    valid = (labels >= 0) & (labels < c)
+    picked = chosen.gather(1, labels.clamp(0, c - 1).flatten(1)).view_as(labels)
+    return (picked & valid).float()
 
 
 def mix(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
