@@ -99,12 +99,9 @@ def run_jobs(jobs: list[Job], data: Path, preset: str = "toy", n_procs: int = 2,
 
 def provenance(preset: str) -> dict:
     """Commit, torch version, machine: what a result file records about where it came from."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, cwd=Path(__file__).parent).stdout.strip()  # fmt: skip
-    except OSError:
-        commit = "unknown"
-    return {"commit": commit, "torch": torch.__version__, "python": platform.python_version(),
+    from .runner import code_commit
+
+    return {"commit": code_commit(), "torch": torch.__version__, "python": platform.python_version(),
             "machine": f"{platform.machine()} {os.cpu_count()} cores {platform.processor()}",
             "date": time.strftime("%Y-%m-%d"), "preset": preset}  # fmt: skip
 
@@ -121,7 +118,8 @@ def collect(jobs: list[Job], preset: str, experiment: str, extra: dict | None = 
         if ev is None:
             continue
         row = {"name": j.name, "method": j.method, "iters": j.iters, "seed": j.seed,
-               "overrides": j.overrides, "seconds": (sm or {}).get("seconds")}  # fmt: skip
+               "overrides": j.overrides, "seconds": (sm or {}).get("seconds"),
+               "commit": (sm or {}).get("commit")}  # fmt: skip
         if j.eval_data is not None:  # tuning: the tuning split's score only, never the val's
             tune = _read(j.out / "eval_tune.json")
             if tune is None:

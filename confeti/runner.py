@@ -647,6 +647,8 @@ def _train(
             "seconds": round(seconds, 1),
             "iters_run": t - start,
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "commit": code_commit(),
+            "torch": torch.__version__,
             "miou": result["miou"],
         }
         if checksums is not None:
@@ -663,6 +665,18 @@ def _train(
         if owns_group:
             dist.destroy_process_group()
     return result
+
+
+def code_commit() -> str:
+    """The git commit of the code that ran (``unknown`` outside a git checkout)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, cwd=Path(__file__).parent, timeout=10)  # fmt: skip
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
 
 def load_for_eval(ckpt: str | Path, device=None) -> tuple[TrainState, Config]:
