@@ -187,7 +187,12 @@ def _cmd_bench(a) -> None:
 def _cmd_experiment(a) -> None:
     from . import experiments as ex
 
-    data, out, results = Path(a.data), Path(a.out), Path(a.results)
+    results = Path(a.results)
+    if a.name == "plot":  # figures/convergence.png from a results file, without any training
+        return _plot_convergence(results, a.figure)
+    if a.data is None or a.out is None:
+        raise SystemExit(f"experiment {a.name}: --data and --out are required")
+    data, out = Path(a.data), Path(a.out)
     if a.name == "tune":
         if a.tune_data is None:
             raise SystemExit("experiment tune: --tune-data DIR is required (the tuning split)")
@@ -212,6 +217,21 @@ def _cmd_experiment(a) -> None:
         table = ex.convergence_table(res)
         print(json.dumps(table, indent=1))
         print("converged length:", ex.converged_length(table))
+        if a.figure:
+            _plot_convergence(results, a.figure)
+
+
+def _plot_convergence(results: Path, figure: str | None) -> None:
+    from . import experiments as ex
+    from .config import TOY_ITERS
+    from .plots import plot_convergence, save_figure
+
+    if not results.is_file():
+        raise SystemExit(f"--results {results}: no such file")
+    table = ex.convergence_table(json.loads(results.read_text()))
+    path = Path(figure or "figures/convergence.png")
+    save_figure(plot_convergence(table, chosen=TOY_ITERS), path)
+    print(f"wrote {path}")
 
 
 def _cmd_reproduce(a) -> None:
@@ -308,12 +328,13 @@ def main(argv=None) -> None:
     p.set_defaults(fn=_cmd_bench)
 
     p = sub.add_parser("experiment", help="many runs: 'tune' (tuning split) or 'convergence'")
-    p.add_argument("name", help="tune | convergence")
+    p.add_argument("name", help="tune | convergence | plot (the convergence figure from --results)")
     p.add_argument("--preset", default="toy")
-    p.add_argument("--data", required=True)
+    p.add_argument("--data", default=None)
     p.add_argument("--tune-data", default=None, help="tune: the tuning split (never reported)")
-    p.add_argument("--out", required=True, help="folder of the runs (resumable)")
+    p.add_argument("--out", default=None, help="folder of the runs (resumable)")
     p.add_argument("--results", required=True, help="the JSON collecting the finished runs")
+    p.add_argument("--figure", default=None, help="convergence / plot: write this PNG")
     p.add_argument("--iters", type=int, default=None, help="tune: the run length")
     p.add_argument("--lengths", type=int, nargs="*", default=None, help="convergence: run lengths")
     p.add_argument("--methods", nargs="*", default=None)

@@ -17,6 +17,18 @@ from .labels import CLASSES, PALETTE, colorize
 STYLE = {"font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "figure.dpi": 100}
 DPI = 150  # PNGs in figures/ are written at this resolution
 DOMAIN_COLORS = {"source": "#d95f02", "stylized": "#7570b3", "target": "#1b9e77"}
+# one colour per method in every figure of the project (colour-blind-safe Tableau/Okabe-Ito mix)
+METHOD_COLORS = {
+    "source_only": "#7f7f7f",
+    "oracle": "#000000",
+    "fda": "#8c564b",
+    "style": "#1f77b4",
+    "contrast": "#2ca02c",
+    "selftrain": "#ff7f0e",
+    "selftrain+style": "#9467bd",
+    "selftrain+contrast": "#bcbd22",
+    "confeti": "#d62728",
+}
 
 
 def class_color(k: int) -> tuple[float, float, float]:
@@ -713,5 +725,35 @@ def method_diagram() -> Figure:
         ]  # fmt: skip
         ax.legend(handles=handles, loc="lower left", bbox_to_anchor=(0.0, -0.03), ncol=6,
                   fontsize=8.5, frameon=False, handlelength=2.4)  # fmt: skip
+        fig.tight_layout()
+    return fig
+
+
+# ---- run length ---------------------------------------------------------------------------------
+def plot_convergence(table: dict[str, dict[int, float]], chosen: int | None = None) -> Figure:
+    """mIoU against the run length, one line per method (``METHOD_COLORS``), log2 x-axis.
+
+    ``table``: {method: {iterations: mIoU}}; ``chosen``: the run length the toy preset uses
+    (a dashed vertical line).
+    """
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(6.4, 3.8))
+        for m, row in table.items():
+            xs = sorted(row)
+            ax.plot(xs, [row[x] for x in xs], marker="o", color=METHOD_COLORS.get(m), label=m)
+            ax.annotate(f"{row[xs[-1]]:.1f}", (xs[-1], row[xs[-1]]), xytext=(4, 0),
+                        textcoords="offset points", va="center", fontsize=7)  # fmt: skip
+        if chosen is not None:
+            ax.axvline(chosen, color="grey", ls="--", lw=0.8, label=f"toy preset: {chosen}")
+        ax.set_xscale("log", base=2)
+        lengths = sorted({x for row in table.values() for x in row})
+        ax.set_xticks(lengths, [f"{x:,}" for x in lengths])
+        ax.set_xlim(lengths[0] / 1.2, lengths[-1] * 1.5)  # room for the end labels
+        ax.minorticks_off()
+        ax.set_xlabel("training iterations (each run its own schedule)")
+        ax.set_ylabel("mIoU on city val (%)")
+        ax.set_title("Convergence on ToyStreets (one seed per point)")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="center left", bbox_to_anchor=(1.08, 0.5), frameon=False)
         fig.tight_layout()
     return fig

@@ -41,3 +41,15 @@ def test_a_job_resumes_and_evaluates_on_the_tuning_split(toy, tmp_path):
     assert res["runs"][0]["iters"] == 3
     ex.write_results(res, tmp_path / "results" / "x.json")
     assert json.loads((tmp_path / "results" / "x.json").read_text())["runs"]
+
+
+def test_convergence_figure_has_one_coloured_line_per_method():
+    from confeti.plots import METHOD_COLORS, plot_convergence
+
+    table = {"source_only": {800: 25.0, 1600: 29.0}, "confeti": {800: 35.0, 1600: 40.0}}
+    fig = plot_convergence(table, chosen=1600)
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["source_only", "confeti", "toy preset: 1600"]
+    lines = {ln.get_label(): ln.get_color() for ln in ax.get_lines()}
+    assert lines["confeti"] == METHOD_COLORS["confeti"] and ax.get_ylabel() and ax.get_xlabel()
