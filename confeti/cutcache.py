@@ -11,8 +11,9 @@ data and CUT settings train the same phase 0. ``train(..., cut_cache=DIR)`` stor
 
 The key hashes everything phase 0's result depends on: the data folder's real path, every Config
 field except those only the segmentor's training reads (``NOT_PHASE0``; a field added later is
-in the key until it is listed there), the confeti source files, torch's version, the device type
-and the thread count (float rounding of the kernels). Files are written atomically
+in the key until it is listed there), the source of the modules phase 0 runs
+(``PHASE0_MODULES``), torch's version, the device type and the thread count (float rounding of
+the kernels). Files are written atomically
 (``checkpoint.save_atomic``); a lock file (``flock``) lets one process train a key while the
 others wait for its result instead of training it too.
 """
@@ -78,11 +79,28 @@ NOT_PHASE0 = frozenset(
 )
 
 
+# the modules phase 0 runs (data, RNG use of the model initialisation, CUT, the loop)
+PHASE0_MODULES = (
+    "checkpoint.py",
+    "config.py",
+    "contrast.py",
+    "cutcache.py",
+    "datasets.py",
+    "deeplab.py",
+    "labels.py",
+    "prototypes.py",
+    "runner.py",
+    "stylize.py",
+    "train.py",
+)
+
+
 def _source_digest() -> str:
-    """sha256 of the package's .py files: a code change never reuses an old phase 0."""
+    """sha256 of the modules phase 0 runs: a change there never reuses an old phase 0."""
     h = hashlib.sha256()
-    for f in sorted(Path(__file__).parent.glob("*.py")):
-        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    root = Path(__file__).parent
+    for name in PHASE0_MODULES:
+        h.update(name.encode() + b"\0" + (root / name).read_bytes())
     return h.hexdigest()
 
 

@@ -7,14 +7,22 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
-from confeti import runner
+from confeti import cutcache, runner
 from confeti.__main__ import build_config
 from confeti.cutcache import NOT_PHASE0, cache_key, cache_path
 from confeti.runner import train
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def fixed_source(monkeypatch):
+    """The key holds the source digest: edits of the package while a test runs must not
+    turn its reuse into a miss (the subprocess test below reads the real files)."""
+    monkeypatch.setattr(cutcache, "_source_digest", lambda: "fixed")
 
 
 def _cfg(**kw):
