@@ -18,6 +18,8 @@ Shape: pred, target (...) int -> confusion (C, C), rows = ground truth, columns 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -110,8 +112,12 @@ def evaluate(
     num_classes: int = 19,
     progress: bool = True,
     max_images: int | None = None,
+    autocast=None,
 ) -> torch.Tensor:
     """Accumulate the confusion matrix of ``model`` over ``loader`` ((image, label) batches).
+
+    ``autocast``: a context for the forward pass (e.g. bf16 on a GPU); the logits are upsampled
+    and compared in fp32.
 
     ``model(x)`` returns (logits, feats); the model is put in eval mode and its previous mode is
     restored afterwards. ``max_images`` stops after that many images (a quick look at a split).
@@ -130,11 +136,12 @@ def evaluate(
                 break
             if max_images is not None:
                 x, y = x[: max_images - seen], y[: max_images - seen]
-            logits, _ = model(x.to(device))  # (B, C, h, w)
+            with autocast if autocast is not None else contextlib.nullcontext():
+                logits, _ = model(x.to(device, non_blocking=True))  # (B, C, h, w)
             logits = F.interpolate(
                 logits.float(), size=y.shape[-2:], mode="bilinear", align_corners=False
             )  # (B, C, H_l, W_l)
-            conf += confusion_matrix(logits.argmax(1).cpu(), y.cpu(), num_classes)
+            conf += confusion_matrix(logits.argmax(1), y.to(device), num_classes)
             seen += len(x)
             bar.update(len(x))
     finally:

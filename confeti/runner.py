@@ -345,19 +345,35 @@ class _AtScale(torch.nn.Module):
         return self.model(x)
 
 
-def evaluate_model(model, dataset, cfg: Config, device, progress=True, max_images=None) -> dict:
-    """mIoU of ``model`` on ``dataset`` at the training scale (``cfg.target_resize``)."""
-    loader = DataLoader(dataset, batch_size=1 if cfg.target_resize is None else 2)
+def evaluate_model(model, dataset, cfg: Config, device, progress=True, max_images=None,
+                   amp=None) -> dict:  # fmt: skip
+    """mIoU of ``model`` on ``dataset`` at the training scale (``cfg.target_resize``).
+
+    Under torchrun every rank evaluates its share of the images (image i on rank i mod N) and
+    the confusion matrices are summed with one all-reduce: every rank returns the same numbers,
+    and no rank idles near the NCCL watchdog while one evaluates alone. ``amp``: the training's
+    autocast context (logits are upsampled and compared in fp32).
+    """
+    n = min(len(dataset), max_images or cfg.eval_max_images or len(dataset))
+    ddp = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    shard = torch.utils.data.Subset(dataset, range(rank, n, world))
+    loader = DataLoader(shard, batch_size=1 if cfg.target_resize is None else 2,
+                        num_workers=cfg.num_workers, pin_memory=device.type == "cuda")  # fmt: skip
     conf = evaluate(
         _AtScale(model, cfg.target_resize),
         loader,
         device,
         num_classes=cfg.num_classes,
-        progress=progress,
-        max_images=max_images or cfg.eval_max_images,
+        progress=progress and rank == 0,
+        autocast=amp,
     )
+    if ddp:
+        total = conf.to(device)
+        dist.all_reduce(total)
+        conf = total.cpu()
     out = summarize(conf)
-    out["images"] = int(min(len(dataset), max_images or cfg.eval_max_images or len(dataset)))
+    out["images"] = int(n)
     return out
 
 
@@ -531,10 +547,11 @@ def _train(
             bar.set_postfix({k: f"{v:.3f}" for k, v in list(logs.items())[:3]})
 
     def eval_row(t: int) -> None:
-        if rank == 0 and t % cfg.eval_every == 0 and t < total:
-            ev = evaluate_model(state.student, d.val, cfg, device, progress=False)
-            with metrics_path.open("a") as f:
-                f.write(json.dumps({"iter": t, "phase": "eval", "miou": ev["miou"]}) + "\n")
+        if t % cfg.eval_every == 0 and t < total:  # every rank evaluates its share
+            ev = evaluate_model(state.student, d.val, cfg, device, progress=False, amp=amp)
+            if rank == 0:
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps({"iter": t, "phase": "eval", "miou": ev["miou"]}) + "\n")
 
     cut, cut_status = None, None
     phase0_stop = plan[0][2] if plan[0][0] == "style_pretrain" else 0
@@ -628,18 +645,18 @@ def _train(
         if cut is not None:
             cut.release()
     seconds = time.time() - t0
-    result = {}
     checksums = rank_checksums(state) if world > 1 else None
-    if rank == 0:
-        try:
-            result = evaluate_model(state.student, d.val, cfg, device, progress=progress)
-        except KeyboardInterrupt:
+    try:  # every rank evaluates its share; rank 0 writes
+        result = evaluate_model(state.student, d.val, cfg, device, progress=progress, amp=amp)
+    except KeyboardInterrupt:
+        if rank == 0:
             print(
                 f"\ninterrupted during the final evaluation: no eval.json written; the checkpoint "
                 f"of iteration {t} in {ck_path} is complete, rerun with --resume to evaluate it",
                 file=sys.stderr,
             )
-            raise Interrupted("interrupted during the final evaluation") from None
+        raise Interrupted("interrupted during the final evaluation") from None
+    if rank == 0:
         result["split"] = "val"
         (out / "eval.json").write_text(json.dumps(result, indent=2))
         summary = {

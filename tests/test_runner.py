@@ -141,6 +141,14 @@ def test_two_process_data_parallel_ranks_agree(toy, tmp_path):
     assert summary["world_size"] == 2
     (w0, p0), (w1, p1) = summary["rank_checksums"]
     assert w0 == w1 and p0 == p1 and p0 != 0.0
+    # the evaluation was sharded over the two ranks and summed: one process on the whole
+    # split scores the saved weights the same
+    single = tmp_path / "single.json"
+    subprocess.run([sys.executable, "-m", "confeti", "eval", "--ckpt", str(out / "checkpoint.pt"),
+                    "--data", str(toy), "--out", str(single)], check=True, env=env,
+                   capture_output=True, timeout=300)  # fmt: skip
+    sharded = json.loads((out / "eval.json").read_text())
+    assert json.loads(single.read_text())["iou"] == sharded["iou"]
 
 
 def test_two_stage_schedule_retrains_the_segmentor_with_g_frozen(toy, tmp_path):
