@@ -289,8 +289,9 @@ def train_step(
     ClassMix mask, mixed image/label/weights) -- the official debug figure, rebuilt.
 
     Order (docs/method.md §8): EMA -> stylize -> pseudo-labels -> ClassMix -> prototype update ->
-    source branch (+ feature distance, one backward) -> consistency -> CUT step -> mixed branch
-    -> target contrast -> optimizer step.
+    consistency -> CUT step -> source branch (+ feature distance, one backward) -> mixed branch
+    -> target contrast -> optimizer step. (The official code runs consistency and the CUT step
+    after the source branch; see step 6.)
     """
     cfg, p = state.cfg, state.parts
     autocast = amp if amp is not None else torch.autocast("cpu", enabled=False)
@@ -381,33 +382,11 @@ def train_step(
 
     _mark(state, "prototype_update")
 
-    # 6. source branch on x_s2t (detached): CE + CAM (+ contrast after the gate)
-    with autocast:
-        logits_s, f_src = state.student(x_src)
-        loss_src = logs["seg_src"] = seg_ce(logits_s.float(), y_s)
-        if p.contrast:
-            logs["cam_src"] = cfg.cam_weight * cam_loss(
-                state.student.cam(f_src).float(), y_s, cfg.num_classes
-            )
-            loss_src = loss_src + logs["cam_src"]
-            if t > cfg.contrast_start and protos_ready:
-                pc = _contrast(state, f_src.float(), y_s)
-                logs["pc_src"], logs["reg_src"] = pc["ce"], pc["reg"]
-                loss_src = loss_src + pc["ce"] + pc["reg"]
-    # 7. ImageNet feature distance on thing classes (needs a pretrained backbone), added to the
-    # source loss: one backward frees the source graph here instead of holding it until a second
-    if cfg.fd_weight > 0 and state.imnet is not None:
-        with torch.no_grad(), autocast:
-            f_in = state.imnet.features(x_s)  # the backbone only: its ASPP head is unused
-        logs["fd"] = cfg.fd_weight * feature_distance(
-            f_src.float(), f_in.float(), y_s, THING_CLASSES, cfg.fd_ratio, cfg.num_classes
-        )
-        loss_src = loss_src + logs["fd"]
-    _backward(state, loss_src, logs)
-
-    _mark(state, "student_source")
-
-    # prototypical semantic consistency: the segmentor judges G; its weights stay frozen
+    # 6. prototypical semantic consistency: the segmentor judges G; its weights stay frozen.
+    # PSC and the CUT step come before the segmentor's branches (the official code runs them
+    # after the source branch): G's graphs are freed before the segmentor's are built, which
+    # lowers the peak memory; nothing they use changes in between, so only the order of the
+    # random draws differs (patch positions, contrast samples)
     psc = None
     if state.train_style and protos_ready and cfg.psc_weight > 0:
         s = state.student
@@ -431,7 +410,7 @@ def train_step(
 
     _mark(state, "semantic_consistency")
 
-    # 8. CUT step: D on (x_s2t, x_t), then G + F with GAN + PatchNCE (+ consistency)
+    # 7. CUT step: D on (x_s2t, x_t), then G + F with GAN + PatchNCE (+ consistency)
     if state.train_style:
         with autocast:
             scaler = getattr(state, "scaler", None)
@@ -445,6 +424,32 @@ def train_step(
             )
 
     _mark(state, "cut_steps")
+
+    # 8. source branch on x_s2t (detached): CE + CAM (+ contrast after the gate)
+    with autocast:
+        logits_s, f_src = state.student(x_src)
+        loss_src = logs["seg_src"] = seg_ce(logits_s.float(), y_s)
+        if p.contrast:
+            logs["cam_src"] = cfg.cam_weight * cam_loss(
+                state.student.cam(f_src).float(), y_s, cfg.num_classes
+            )
+            loss_src = loss_src + logs["cam_src"]
+            if t > cfg.contrast_start and protos_ready:
+                pc = _contrast(state, f_src.float(), y_s)
+                logs["pc_src"], logs["reg_src"] = pc["ce"], pc["reg"]
+                loss_src = loss_src + pc["ce"] + pc["reg"]
+    # ImageNet feature distance on thing classes (needs a pretrained backbone), added to the
+    # source loss: one backward frees the source graph here instead of holding it until a second
+    if cfg.fd_weight > 0 and state.imnet is not None:
+        with torch.no_grad(), autocast:
+            f_in = state.imnet.features(x_s)  # the backbone only: its ASPP head is unused
+        logs["fd"] = cfg.fd_weight * feature_distance(
+            f_src.float(), f_in.float(), y_s, THING_CLASSES, cfg.fd_ratio, cfg.num_classes
+        )
+        loss_src = loss_src + logs["fd"]
+    _backward(state, loss_src, logs)
+
+    _mark(state, "student_source")
 
     # 9. mixed branch: pixel-weighted CE (+ CAM, contrast after their gates)
     if mixing:
