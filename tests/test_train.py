@@ -84,13 +84,13 @@ def test_gradient_routing_follows_the_spec():
     state.clock = clock
     logs = train_step(state, batch, _late(cfg))
     assert "psc" in logs and "pc_tgt" in logs and "cam_mix" in logs
+    psc = seen["semantic_consistency"]  # computed, not yet backpropagated (it rides on g_step)
+    assert not any(psc.values())
+    cut = seen["cut_steps"]  # D step, then G + F step with L_psc: adapter now has gradient,
+    assert cut["adapter"] and cut["D"]  # the segmentor none (L_psc passes it frozen)
+    assert not (cut["backbone"] or cut["seg_head"] or cut["cam"] or cut["proj"])
     src = seen["student_source"]  # CE + CAM + contrast on the detached x_s2t
     assert src["backbone"] and src["seg_head"] and src["cam"] and src["proj"]
-    assert not src["G"] and not src["D"] and not src["adapter"]
-    psc = seen["semantic_consistency"]  # computed, not yet backpropagated (it rides on g_step)
-    assert not psc["adapter"] and not psc["G"]
-    cut = seen["cut_steps"]  # D step, then G + F step with L_psc: adapter now has gradient
-    assert cut["adapter"] and cut["D"]
     assert any(not torch.equal(a, b) for a, b in zip(g_before, st.G.parameters()))
     assert any(not torch.equal(a, b) for a, b in zip(d_before, st.D.parameters()))
 
@@ -110,9 +110,10 @@ def test_consistency_gradient_reaches_g_but_not_the_segmentor():
     state.clock = clock
     logs = train_step(state, batch, _late(cfg))
     assert logs["psc"] > 0
-    before, after = snap["semantic_consistency"], snap["cut_steps"]
-    assert len(before) == len(after) > 0
-    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    # the CUT step (which backpropagates L_psc through the frozen segmentor) runs before the
+    # segmentor's own branches: no student parameter has a gradient after it
+    assert snap["semantic_consistency"] == [] and snap["cut_steps"] == []
+    assert len(snap["student_source"]) > 0
     assert _has_grad(state.adapter)
 
 
