@@ -180,17 +180,6 @@ def average_gradients(module: torch.nn.Module) -> None:
             offset += b.numel()
 
 
-def sync_optimizer(opt: torch.optim.Optimizer) -> None:
-    """Average the gradients of ``opt``'s parameters before each of its steps (G, D, F)."""
-
-    def hook(optimizer, args, kwargs):
-        _average(
-            [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        )
-
-    opt.register_step_pre_hook(hook)
-
-
 def rank_checksums(state) -> list[list[float]]:
     """[sum of student weights, sum of prototypes] of every rank (they must agree)."""
     mine = torch.tensor(
@@ -503,8 +492,7 @@ def _train(
     if world > 1:
         state.sync_grads = average_gradients
         if state.style is not None:
-            for opt in state.style.optimizers.values():
-                sync_optimizer(opt)
+            state.style.sync_grads = _average  # before each G/D/F step, not in a step hook
     amp = setup_device(state, cfg, device)
 
     plan = phases(cfg, method)

@@ -8,7 +8,7 @@ a patch of G(x) must match the patch of x at the same place better than any othe
 
 with q = F_l(G_enc^l(G(x))) (queries), k = F_l(G_enc^l(x)) (keys, stop-gradient), F_l a small MLP
 per encoder layer l, vectors L2-normalised, τ = 0.07, and negatives the other patches of the same
-image. In CONFETI this module is trained jointly with the segmentor (spec §3.2, §3.8, §7); the
+image. In CONFETI this module is trained jointly with the segmentor (docs/method.md §4, §8); the
 semantic-consistency loss reaches G through ``StyleTransfer.g_step(extra_loss=...)``.
 
 Taught in notebooks/02_pixel_alignment.ipynb.
@@ -302,6 +302,10 @@ class StyleTransfer(nn.Module):
             for name, net in (("G", self.G), ("D", self.D), ("F", self.F))
         }
         self.memory_format = None  # of G's and D's activations (None: the caller's)
+        # under torchrun: averages a list of gradients over the ranks (``runner._average``); called
+        # before every optimizer step, so a GradScaler decides on the averaged gradients and skips
+        # (or takes) the step on every rank alike
+        self.sync_grads = None
 
     def set_memory_format(self, memory_format) -> None:
         """Run G and D in ``memory_format`` (weights and activations) whatever the caller's
@@ -350,13 +354,14 @@ class StyleTransfer(nn.Module):
         return self._nce(self._cut(x_a), self._cut(x_b))
 
     def _step(self, loss: torch.Tensor, names, scaler) -> None:
-        if scaler is None:
-            loss.backward()
-            for n in names:
+        (loss if scaler is None else scaler.scale(loss)).backward()
+        if self.sync_grads is not None:  # every rank reaches this all-reduce, inf or not
+            self.sync_grads([p.grad for n in names for g in self.optimizers[n].param_groups
+                             for p in g["params"] if p.grad is not None])  # fmt: skip
+        for n in names:
+            if scaler is None:
                 self.optimizers[n].step()
-        else:
-            scaler.scale(loss).backward()
-            for n in names:
+            else:  # skipped where the (averaged) gradients hold an inf: on every rank alike
                 scaler.step(self.optimizers[n])
 
     def d_step(self, x_s2t: torch.Tensor, x_t: torch.Tensor, scaler=None) -> dict:
@@ -369,7 +374,7 @@ class StyleTransfer(nn.Module):
         pred_fake, pred_real = self.D(torch.cat([fake, real])).split([len(fake), len(real)])
         loss = 0.5 * (lsgan_loss(pred_fake, False) + lsgan_loss(pred_real, True))
         self._step(loss, ["D"], scaler)
-        return {"loss_D": loss.item()}
+        return {"loss_D": loss.detach()}  # tensors: the caller transfers all logs at once
 
     def g_step(self, x_s, x_t, x_s2t, extra_loss=None, scaler=None, src_feats=None) -> dict:
         """L_G = λ_GAN·MSE(D(x̃_s), 1) + ½[NCE(x_s, x̃_s) + NCE(x_t, G(x_t))] (λ_NCE inside NCE).
@@ -394,7 +399,7 @@ class StyleTransfer(nn.Module):
         finally:
             for p, f in zip(self.D.parameters(), flags):
                 p.requires_grad_(f)
-        return {"loss_G_gan": loss_gan.item(), "loss_nce": loss_nce.item(), "loss_G": loss_g.item()}
+        return {"loss_G_gan": loss_gan.detach(), "loss_nce": loss_nce.detach(), "loss_G": loss_g.detach()}  # fmt: skip
 
     def pretrain_step(self, x_s: torch.Tensor, x_t: torch.Tensor) -> dict:
         """One standalone CUT iteration (phase 0): translate, D step, G + F step."""

@@ -159,3 +159,28 @@ def test_one_confeti_step_synchronises_a_handful_of_times():
     # prototypes-ready test; the code before counted ~70 (a float() per log, .item() in the
     # CUT steps and pseudo-labels, a nonzero and int() per class in the prototype update)
     assert len(c.where) <= 10, c.where
+
+
+def test_fp16_overflow_on_one_rank_skips_the_cut_step_on_every_rank():
+    """The G/D/F gradients are averaged before ``scaler.step``: an inf from any rank reaches
+    every rank, so all skip the step together (a step hook would run only where the step runs,
+    and a rank that skipped it would leave the others waiting in the all-reduce)."""
+    from confeti.stylize import StyleTransfer
+
+    torch.manual_seed(0)
+    st = StyleTransfer(ngf=4, n_blocks=1, ndf=4, d_layers=1, nce_layers=(0, 2), num_patches=8)
+    calls = []
+
+    def sync(grads):  # another rank overflowed: the average holds an inf
+        calls.append(len(grads))
+        grads[0].fill_(float("inf"))
+
+    st.sync_grads = sync
+    scaler = torch.amp.GradScaler("cpu")
+    x = torch.randn(2, 3, 16, 16)
+    d_before = [p.detach().clone() for p in st.D.parameters()]
+    st.d_step(st.translate(x), x, scaler=scaler)
+    assert calls and calls[0] == len(d_before)  # called once, with every D gradient
+    assert all(torch.equal(a, b) for a, b in zip(d_before, st.D.parameters()))  # step skipped
+    scaler.update()
+    assert scaler.get_scale() < 65536.0  # and the scale backs off, as on every other rank
