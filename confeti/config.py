@@ -261,6 +261,10 @@ def toy() -> Config:
         ckpt_every=100,
         iters=TOY_ITERS,
         **paper_gates(TOY_ITERS),
+        # the mixed branch waits for the first 7.5 % of the run (the follow-up code's 3k of 40k):
+        # a randomly initialised teacher's pseudo-labels are noise (chosen on the tuning split,
+        # results/tuning.json)
+        mix_start=int(round(0.075 * TOY_ITERS)),
     )
     return cfg.validate()
 

@@ -32,6 +32,7 @@ def test_toy_recipe_is_the_papers_where_it_can_be():
     assert t.proto_resolution == "label" and t.psc_judge == "student"
     f = t.iters / 40_000
     assert t.contrast_start == round(3000 * f) and t.cam_mix_start == round(2000 * f)
+    assert t.mix_start == round(0.075 * t.iters)
 
 
 def test_presets_roundtrip_through_json():
