@@ -1,4 +1,4 @@
-"""Command line: ``python -m confeti {data,train,eval,ablation,figures,bench,reproduce}``
+"""Command line: ``python -m confeti {data,train,eval,ablation,figures,bench,gpu-check,reproduce}``
 (``data toy`` generates ToyStreets, ``data check`` verifies a data folder).
 
 The only place that reads ``sys.argv``; every command calls a package function.
@@ -177,11 +177,24 @@ def _cmd_bench(a) -> None:
     from .bench import run_bench
 
     cfg = build_config(a.preset, None, None, a.set)
-    res = run_bench(cfg, device=a.device, repeats=a.repeats, methods=a.methods, data=a.data)
+    if a.memory:  # an estimate of one iteration's memory, traced op by op (confeti/memory.py)
+        from .memory import memory_report
+
+        res = memory_report(cfg, methods=a.methods, device=a.device, dtype=a.dtype)
+    else:
+        res = run_bench(cfg, device=a.device, repeats=a.repeats, methods=a.methods, data=a.data)
     text = json.dumps(res, indent=2)
     print(text)
     if a.out:
         Path(a.out).write_text(text)
+
+
+def _cmd_gpu_check(a) -> None:
+    from .gpucheck import gpu_check
+
+    res = gpu_check(a.out, tiny=a.tiny, method=a.method, device=a.device, iters=a.iters)
+    print(json.dumps({k: res[k] for k in ("ok", "total_sec")}, indent=2))
+    print(f"wrote {Path(a.out) / 'gpu_check.json'}")
 
 
 def _cmd_experiment(a) -> None:
@@ -325,7 +338,23 @@ def main(argv=None) -> None:
     p.add_argument("--methods", nargs="*", default=None)
     p.add_argument("--data", default=None, help="also time the input pipeline on this data set")
     p.add_argument("--out", default=None)
+    p.add_argument(
+        "--memory",
+        action="store_true",
+        help="estimate one iteration's peak memory per phase instead (default --device cpu, "
+        "methods: confeti); no GPU needed",
+    )
+    p.add_argument("--dtype", default=None, choices=("fp32", "bf16", "fp16"),
+                   help="--memory: autocast dtype of the traced iteration (default fp32)")  # fmt: skip
     p.set_defaults(fn=_cmd_bench)
+
+    p = sub.add_parser("gpu-check", help="the prepared GPU check: precision, memory, fit, loader, NCCL")  # fmt: skip
+    p.add_argument("--out", required=True, help="folder for data/ and gpu_check.json")
+    p.add_argument("--tiny", action="store_true", help="smoke-sized: runs on a CPU in seconds")
+    p.add_argument("--method", default="confeti")
+    p.add_argument("--iters", type=int, default=4, help="iterations per precision")
+    p.add_argument("--device", default=None, help="cuda, cuda:1 (default: cuda if available)")
+    p.set_defaults(fn=_cmd_gpu_check)
 
     p = sub.add_parser("experiment", help="many runs: 'tune' (tuning split) or 'convergence'")
     p.add_argument("name", help="tune | convergence | plot (the convergence figure from --results)")
