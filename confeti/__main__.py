@@ -201,7 +201,7 @@ def _cmd_experiment(a) -> None:
     from . import experiments as ex
 
     results = Path(a.results)
-    if a.name == "plot":  # figures/convergence.png from a results file, without any training
+    if a.name == "plot":  # the convergence figure from a results file, without any training
         return _plot_convergence(results, a.figure)
     if a.data is None or a.out is None:
         raise SystemExit(f"experiment {a.name}: --data and --out are required")
