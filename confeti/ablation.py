@@ -2,7 +2,8 @@
 
 ``python -m confeti ablation --preset toy --data DIR --seeds 3 --out DIR`` writes
 ``DIR/<method>/seed<k>/`` (one ordinary run each; finished runs are reused, interrupted ones
-resumed), ``results.json``, ``results.md`` (mIoU mean ± std and per-class IoU) and ``ablation.png``.
+resumed), ``results.json``, ``results.md`` (mIoU mean ± std and per-class IoU) and
+``ablation.png``.
 Taught in notebooks/04_joint_training.ipynb.
 
 With ``--jobs N`` (default: min(cores, 2)) the runs go to N processes of ``cores // N`` threads

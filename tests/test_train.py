@@ -143,3 +143,28 @@ def test_channels_last_changes_layout_not_results():
     assert logs[0].keys() == logs[1].keys()
     for k in logs[0]:
         assert logs[1][k] == pytest.approx(logs[0][k], rel=1e-3, abs=1e-5), k
+
+
+def _conv_weights(module):
+    return [m.weight for m in module.modules() if isinstance(m, torch.nn.Conv2d)]
+
+
+def test_channels_last_for_every_model_also_imnet_and_stage2():
+    """setup_device: student, teacher, adapter, G/D and the frozen ImageNet copy (a plain list,
+    outside the module tree) in NHWC; the two-stage schedule's fresh segmentor too."""
+    from confeti.runner import _start_stage2
+
+    cfg = _cfg(schedule="two_stage", fd_weight=0.1)
+    torch.manual_seed(0)
+    state = TrainState(cfg, "confeti", DEV)
+    state._imnet.append(TrainState(cfg, "source_only", DEV).student)  # as with a pretrained net
+    setup_device(state, cfg, DEV)
+    nhwc = [state.student, state.teacher, state.adapter, state.imnet, state.style]
+    for module in nhwc:
+        ws = _conv_weights(module)
+        assert ws and all(w.is_contiguous(memory_format=torch.channels_last) for w in ws)
+    assert state.style.memory_format == torch.channels_last
+    _start_stage2(state, cfg, DEV)
+    for module in (state.student, state.teacher, state.adapter):
+        ws = _conv_weights(module)
+        assert all(w.is_contiguous(memory_format=torch.channels_last) for w in ws)
