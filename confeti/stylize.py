@@ -402,6 +402,9 @@ class StyleTransfer(nn.Module):
         return {"loss_G_gan": loss_gan.detach(), "loss_nce": loss_nce.detach(), "loss_G": loss_g.detach()}  # fmt: skip
 
     def pretrain_step(self, x_s: torch.Tensor, x_t: torch.Tensor) -> dict:
-        """One standalone CUT iteration (phase 0): translate, D step, G + F step."""
+        """One standalone CUT iteration (phase 0): translate, D step, G + F step.
+
+        Returns the losses as floats (one transfer for all of them)."""
         x_s2t, keys = self.translate_with_keys(x_s)
-        return {**self.d_step(x_s2t, x_t), **self.g_step(x_s, x_t, x_s2t, src_feats=keys)}
+        logs = {**self.d_step(x_s2t, x_t), **self.g_step(x_s, x_t, x_s2t, src_feats=keys)}
+        return dict(zip(logs, torch.stack(list(logs.values())).tolist()))
