@@ -27,7 +27,7 @@ format: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	CONFETI_SMOKE=1 MPLBACKEND=Agg $(BIN)/python -m pytest -q --nbmake tests notebooks
+	CONFETI_SMOKE=1 MPLBACKEND=Agg $(BIN)/python -m pytest -q --nbmake --nbmake-timeout=3600 tests notebooks
 
 data: $(STAMP)
 	$(BIN)/python -m confeti data toy --out $(DATA)

@@ -117,7 +117,7 @@ def test_two_processes_filling_one_cache_train_phase0_once(toy, tmp_path):
         subprocess.Popen([*cmd, "--out", str(tmp_path / n)], env=env, stdout=subprocess.DEVNULL)
         for n in ("a", "b")
     ]
-    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    assert [p.wait() for p in procs] == [0, 0]  # a hang is caught by pytest-timeout
     status = sorted(_summary(tmp_path / n)["cut_pretrain"] for n in ("a", "b"))
     assert status == ["reused", "stored"]
     assert not list((tmp_path / "cache").glob(".*.tmp"))

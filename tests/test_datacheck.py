@@ -135,7 +135,7 @@ def test_two_processes_at_once_verify_once(toy, tmp_path):
     procs = [ctx.Process(target=_verify_in_child, args=(data, q)) for _ in range(2)]
     for p in procs:
         p.start()
-    got = sorted(q.get(timeout=300) for _ in procs)
+    got = sorted(q.get() for _ in procs)  # a hang is caught by pytest-timeout
     for p in procs:
         p.join()
     n = len(list((data / "images").glob("*.png")))
