@@ -221,7 +221,8 @@ def _cmd_experiment(a) -> None:
     else:
         raise SystemExit(f"unknown experiment {a.name!r}; choose tune or convergence")
     try:
-        ex.run_jobs(jobs, data, preset=a.preset, n_procs=a.jobs)
+        if not a.collect_only:
+            ex.run_jobs(jobs, data, preset=a.preset, n_procs=a.jobs)
     finally:  # whatever finished is kept, also after Ctrl-C
         res = ex.collect(jobs, a.preset, a.name, extra)
         ex.write_results(res, results)
@@ -369,6 +370,8 @@ def main(argv=None) -> None:
     p.add_argument("--methods", nargs="*", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jobs", type=int, default=2, help="processes at once (one thread each)")
+    p.add_argument("--collect-only", action="store_true",
+                   help="write --results from the finished runs, train nothing")  # fmt: skip
     p.set_defaults(fn=_cmd_experiment)
 
     p = sub.add_parser("reproduce", help="the whole toy pipeline: data, runs, notebooks, figures")
