@@ -18,8 +18,11 @@ Shape: images (B, 3, H, W), ImageNet-normalised outside this module, CUT's [-1, 
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from .datasets import denormalize, normalize
@@ -112,6 +115,10 @@ class Generator(nn.Module):
     Indices (n_downsampling=2): 0 reflect-pad (input level), 1-3 conv7/IN/ReLU, 4 conv3 ngf->2ngf,
     7 blur-down, 8 conv3 2ngf->4ngf, 11 blur-down, 12.. ResNet blocks (12 = block 1, 16 = block 5),
     then blur-up + conv/IN/ReLU twice, reflect-pad, conv7 -> 3, tanh.
+    With ``grad_checkpoint`` set, each stage (stem, each down-sampling, each ResNet block, each
+    up-sampling, head) runs under activation checkpointing while grad is on: only its input and
+    the encoder outputs asked of it are kept, its forward is recomputed in the backward (the same
+    values: G has no random op and no running statistics).
     Shape: (B, 3, H, W) in [-1, 1] -> (B, 3, H, W) in [-1, 1] (H, W multiples of 4).
     """
 
@@ -129,6 +136,8 @@ class Generator(nn.Module):
             ]  # fmt: skip
             chans += [c_out] * 4
         c = ngf * 2**n_downsampling
+        # layers per stage: stem, down-samplings, ResNet blocks, up-samplings, head
+        stages = [4] + [4] * n_downsampling + [1] * n_blocks + [4] * n_downsampling + [3]
         layers += [ResnetBlock(c) for _ in range(n_blocks)]
         chans += [c] * n_blocks
         self.n_encoder = len(layers)  # valid NCE layer indices: 0 .. n_encoder - 1
@@ -145,11 +154,18 @@ class Generator(nn.Module):
         self._overwritten = {
             i for i, nxt in enumerate(layers[1:]) if isinstance(nxt, nn.ReLU) and nxt.inplace
         }
+        # checkpointed units, (first, end) layer indices; none begins with an in-place layer
+        ends = list(itertools.accumulate(stages))
+        assert ends[-1] == len(layers)
+        self._stages = list(zip([0, *ends[:-1]], ends))
+        self.grad_checkpoint = False
 
     def forward(self, x: torch.Tensor, layers=None):
         """G(x); with ``layers`` also the encoder outputs there, taken from this same pass
         (so PatchNCE keys need no second encoder pass). Shape: -> (B, 3, H, W)[, feats]."""
         if layers is None:
+            if self.grad_checkpoint and torch.is_grad_enabled():
+                return self._walk(x, [], len(self.model))[0]
             return self.model(x)
         return self._walk(x, self.check_layers(layers), len(self.model))
 
@@ -174,13 +190,34 @@ class Generator(nn.Module):
         return self._walk(x, layers, max(layers) + 1)[1]
 
     def _walk(self, x, layers: list[int], stop: int):
-        """Run layers 0 .. stop-1; return the last output and the outputs at (checked) ``layers``."""
+        """Run layers 0 .. stop-1; return the last output and the outputs at (checked) ``layers``.
+
+        Stage by stage, each under checkpointing if ``grad_checkpoint`` is set and grad is on."""
         feats = {}
-        for i, layer in enumerate(self.model[:stop]):
-            x = layer(x)
-            if i in layers:
-                feats[i] = x.clone() if i in self._overwritten else x
+        ckpt = self.grad_checkpoint and torch.is_grad_enabled()
+        for first, end in self._stages:
+            if first >= stop:
+                break
+            end = min(end, stop)
+            want = [i for i in layers if first <= i < end]
+            if ckpt:
+                out = torch.utils.checkpoint.checkpoint(
+                    self._run, x, first, end, want, use_reentrant=False
+                )
+            else:
+                out = self._run(x, first, end, want)
+            x = out[0]
+            feats.update(zip(want, out[1:]))
         return x, [feats[i] for i in layers]
+
+    def _run(self, x, first: int, end: int, want: list[int]):
+        """Layers first .. end-1; returns (output, *outputs at ``want``)."""
+        got = []
+        for i in range(first, end):
+            x = self.model[i](x)
+            if i in want:
+                got.append(x.clone() if i in self._overwritten else x)
+        return (x, *got)
 
 
 class Discriminator(nn.Module):
@@ -288,9 +325,10 @@ class StyleTransfer(nn.Module):
     def __init__(self, ngf: int = 64, n_blocks: int = 9, ndf: int = 64, d_layers: int = 3,
                  nce_layers=(0, 4, 8, 12, 16), num_patches: int = 256, nce_tau: float = 0.07,
                  lambda_gan: float = 1.0, lambda_nce: float = 1.0, lr: float = 2e-4,
-                 betas=(0.5, 0.999)):  # fmt: skip
+                 betas=(0.5, 0.999), grad_checkpoint: bool = False):  # fmt: skip
         super().__init__()
         self.G, self.D = Generator(ngf, n_blocks), Discriminator(ndf, d_layers)
+        self.G.grad_checkpoint = grad_checkpoint  # Generator: checkpointed stages (less memory)
         self.nce_layers = tuple(self.G.check_layers(nce_layers))
         self.F = PatchSampleMLP(self.G.nce_channels(self.nce_layers))
         for net in (self.G, self.D, self.F):

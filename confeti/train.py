@@ -22,6 +22,7 @@ Gradient routing (docs/method.md §9), enforced here and tested in tests/test_tr
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from .config import METHODS, Config
@@ -136,6 +138,7 @@ class TrainState(nn.Module):
                 lambda_gan=cfg.lambda_gan,
                 lambda_nce=cfg.lambda_nce,
                 lr=cfg.cut_lr,
+                grad_checkpoint=cfg.grad_checkpoint,
             )
             if p.style
             else None
@@ -396,7 +399,13 @@ def train_step(
         with autocast, frozen(s.seg, s.proj), bn_stats_frozen(s, judge):
             with torch.no_grad():
                 emb_src = judge.proj(judge.features(x_s))
-            emb_s2t = s.proj(s.features(x_s2t))
+            if cfg.grad_checkpoint:  # recomputed in the CUT step's backward, as frozen as here
+                emb_s2t = torch.utils.checkpoint.checkpoint(
+                    lambda x: s.proj(s.features(x)), x_s2t, use_reentrant=False,
+                    context_fn=lambda: (contextlib.nullcontext(), _judging_again(s)),
+                )  # fmt: skip
+            else:
+                emb_s2t = s.proj(s.features(x_s2t))
             psc = semantic_consistency(
                 emb_src.float(),
                 emb_s2t.float(),
@@ -486,6 +495,22 @@ def train_step(
     _mark(state, "optimizer")
     values = torch.stack([torch.as_tensor(v).detach().float().reshape(()) for v in logs.values()])
     return dict(zip(logs, values.tolist()))  # one transfer for every logged value
+
+
+@contextlib.contextmanager
+def _judging_again(s: Segmentor):
+    """The consistency pass's context for its recomputation (``grad_checkpoint``), which runs in
+    the CUT step's backward: frozen weights and BatchNorm statistics, and the BatchNorm batch
+    counters left as the pass left them (the recomputation is no second pass)."""
+    counters = [m.num_batches_tracked for m in s.modules()
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.num_batches_tracked is not None]  # fmt: skip
+    counts = [c.clone() for c in counters]
+    try:  # also when the recomputation stops early (once the backward has what it needs)
+        with frozen(s.seg, s.proj), bn_stats_frozen(s):
+            yield
+    finally:
+        for c, n in zip(counters, counts):
+            c.copy_(n)
 
 
 def _mark(state: TrainState, phase: str) -> None:
