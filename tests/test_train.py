@@ -1,4 +1,5 @@
-"""The CONFETI iteration: every method runs, losses are finite, gradients go where spec §3.12 says."""
+"""The CONFETI iteration: every method runs, losses are finite, gradients go where
+docs/method.md §9 says."""
 
 import dataclasses
 
