@@ -12,7 +12,8 @@ crash a paper-scale run hours later, on the first batch that draws it. ``verify`
   class ids 0..22);
 - results are cached per file pair by (relative path, size, modification time) in
   ``ROOT/.confeti_check.json`` (or under ``~/.cache/confeti/check/`` when ROOT is read-only), so
-  the pass costs minutes once for GTA5's 24,966 frames and a ``stat`` per file afterwards; a file
+  the full decode is paid once (about an hour for GTA5's 24,966 frames on 2 cores, less on more)
+  and a ``stat`` per file afterwards; a file
   that changes on disk is verified again;
 - one process writes the cache: an exclusive lock on ``<cache>.lock`` is held while verifying, so
   two ablation processes or the ranks of a ``torchrun`` job that start on the same folder verify
