@@ -152,17 +152,26 @@ def init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
     return 0, 1, device
 
 
-def _average(tensors: list[torch.Tensor]) -> None:
-    """All-reduce a list of tensors through one flat buffer and divide by the world size."""
+def _through_one_buffer(tensors: list[torch.Tensor], collective) -> None:
+    """Run ``collective`` on one flat copy of ``tensors`` and copy the result back into them."""
     if not tensors:
         return
     flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
+    collective(flat)
     offset = 0
     for t in tensors:
         t.copy_(flat[offset : offset + t.numel()].view_as(t))
         offset += t.numel()
+
+
+def _average(tensors: list[torch.Tensor]) -> None:
+    """All-reduce a list of tensors through one flat buffer and divide by the world size."""
+
+    def mean(flat):
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+
+    _through_one_buffer(tensors, mean)
 
 
 def average_gradients(module: torch.nn.Module) -> None:
@@ -171,13 +180,7 @@ def average_gradients(module: torch.nn.Module) -> None:
     them in one flat broadcast instead of one call per buffer."""
     _average([p.grad for p in module.parameters() if p.grad is not None])
     bufs = [b for b in module.buffers() if b.is_floating_point()]
-    if bufs:
-        flat = torch.cat([b.reshape(-1) for b in bufs])
-        dist.broadcast(flat, 0)
-        offset = 0
-        for b in bufs:
-            b.copy_(flat[offset : offset + b.numel()].view_as(b))
-            offset += b.numel()
+    _through_one_buffer(bufs, lambda flat: dist.broadcast(flat, 0))
 
 
 def rank_checksums(state) -> list[list[float]]:
