@@ -3,17 +3,17 @@
 1. generate ToyStreets (skipped if ``DATA/toystreets.json`` exists);
 2. train the toy runs the figures need (source-only, style, contrast, CONFETI; a finished run,
    one with ``eval.json``, is reused, an interrupted one is resumed);
-3. execute notebooks 01-05 headless into ``notebooks/.executed/`` (never over the committed,
-   stripped notebooks), with ``CONFETI_RUNS``/``CONFETI_DATA`` pointing at the runs above so they
-   load them instead of training again, and ``CONFETI_FIGURES`` so they save their figures;
+3. execute notebooks 01-05 headless *in place* (``confeti.notebooks.execute``: the committed
+   notebooks get the outputs of the full toy run, cleaned, with a record of the code and the
+   inputs they were made from), with ``CONFETI_RUNS``/``CONFETI_DATA`` pointing at the runs
+   above so they load them instead of training again, and ``CONFETI_FIGURES`` so they save
+   their figures; a notebook that fails is left as it was and stops the pipeline;
 4. write every paper-style figure into ``figures/`` (``confeti.figures``).
 """
 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -38,6 +38,7 @@ def reproduce(
     data="data/toystreets", runs="runs", figures="figures", preset="toy", notebooks_dir="notebooks"
 ) -> None:
     from .figures import write_figures
+    from .notebooks import execute
     from .runner import train
     from .toystreets import write_toystreets
 
@@ -65,34 +66,15 @@ def reproduce(
         CONFETI_RUNS=str((runs / preset).resolve()),
         CONFETI_DATA=str(data.resolve()),
         CONFETI_FIGURES=str(figures.resolve()),
-        MPLBACKEND="Agg",
     )
     env.pop("CONFETI_SMOKE", None)
-    executed = Path(notebooks_dir) / ".executed"
-    executed.mkdir(parents=True, exist_ok=True)
     for name in NOTEBOOKS:
         nb = Path(notebooks_dir) / f"{name}.ipynb"
         if not nb.exists():
             print(f"    {nb} not found, skipped", flush=True)
             continue
-        t0 = _step(3, n, f"execute {nb} -> {executed}/")
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "jupyter",
-                "nbconvert",
-                "--to",
-                "notebook",
-                "--execute",
-                "--ExecutePreprocessor.timeout=1800",
-                "--output-dir",
-                str(executed),
-                str(nb),
-            ],
-            check=True,
-            env=env,
-        )
+        t0 = _step(3, n, f"execute {nb} in place")
+        execute(nb, env=env, timeout=1800)
         print(f"    done in {time.time() - t0:.0f}s", flush=True)
 
     t0 = _step(4, n, f"figures -> {figures}/")
