@@ -218,8 +218,19 @@ def _cmd_experiment(a) -> None:
         methods = a.methods or ["source_only", "oracle", "selftrain", "style", "confeti"]
         jobs = ex.convergence_jobs(out, methods, lengths, a.seed)
         extra = {"lengths": lengths, "methods": methods}
+    elif a.name == "gapmatrix":
+        from .config import TOY_ITERS
+
+        specs = a.variant or [f"{k}:" + ",".join(f"{n}={v}" for n, v in kn.items())
+                              for k, kn in ex.GAP_VARIANTS.items()]  # fmt: skip
+        knobs = dict(ex.parse_variant(s) for s in specs)
+        variants = {v: ex.variant_data(out / "data", v, kn, data) for v, kn in knobs.items()}
+        methods = a.methods or list(ex.GAP_METHODS)
+        iters = a.iters or TOY_ITERS
+        jobs = ex.gap_jobs(out, variants, methods, iters, a.seed)
+        extra = {"iters": iters, "methods": methods, "variants": knobs}
     else:
-        raise SystemExit(f"unknown experiment {a.name!r}; choose tune or convergence")
+        raise SystemExit(f"unknown experiment {a.name!r}; choose tune, convergence or gapmatrix")
     try:
         if not a.collect_only:
             ex.run_jobs(jobs, data, preset=a.preset, n_procs=a.jobs)
@@ -233,6 +244,14 @@ def _cmd_experiment(a) -> None:
         print("converged length:", ex.converged_length(table))
         if a.figure:
             _plot_convergence(results, a.figure)
+    if a.name == "gapmatrix":
+        table = ex.gap_table(res)
+        print(json.dumps({"miou": table, "gap_closed_percent": ex.gap_closed(table)}, indent=1))
+        if a.figure:
+            from .plots import plot_gap_matrix, save_figure
+
+            save_figure(plot_gap_matrix(table), a.figure)
+            print(f"wrote {a.figure}")
 
 
 def _plot_convergence(results: Path, figure: str | None) -> None:
@@ -357,15 +376,20 @@ def main(argv=None) -> None:
     p.add_argument("--device", default=None, help="cuda, cuda:1 (default: cuda if available)")
     p.set_defaults(fn=_cmd_gpu_check)
 
-    p = sub.add_parser("experiment", help="many runs: 'tune' (tuning split) or 'convergence'")
-    p.add_argument("name", help="tune | convergence | plot (the convergence figure from --results)")
+    p = sub.add_parser("experiment",
+                       help="many runs: 'tune' (tuning split), 'convergence', 'gapmatrix'")  # fmt: skip
+    p.add_argument("name", help="tune | convergence | gapmatrix | plot (the convergence figure "
+                   "from --results)")  # fmt: skip
     p.add_argument("--preset", default="toy")
     p.add_argument("--data", default=None)
     p.add_argument("--tune-data", default=None, help="tune: the tuning split (never reported)")
     p.add_argument("--out", default=None, help="folder of the runs (resumable)")
     p.add_argument("--results", required=True, help="the JSON collecting the finished runs")
     p.add_argument("--figure", default=None, help="convergence / plot: write this PNG")
-    p.add_argument("--iters", type=int, default=None, help="tune: the run length")
+    p.add_argument("--iters", type=int, default=None, help="tune / gapmatrix: the run length")
+    p.add_argument("--variant", action="append", default=None,
+                   help="gapmatrix: NAME:knob=value,... (a write_toystreets argument per knob; "
+                   "repeat; default: appearance, content and both)")  # fmt: skip
     p.add_argument("--lengths", type=int, nargs="*", default=None, help="convergence: run lengths")
     p.add_argument("--methods", nargs="*", default=None)
     p.add_argument("--seed", type=int, default=0)

@@ -12,6 +12,9 @@ tables and figures regenerate from it without retraining, and a new machine lose
   set plays no part in the choice.
 - ``convergence``: methods x run lengths; a length L is converged when every method's mIoU at 2L
   is within about a point of its value at L.
+- ``gapmatrix``: ToyStreets variants (appearance gap only, content gap only, both) x methods at one
+  run length: which alignment closes which gap. The same machinery with other variants
+  (``--variant name:knob=value,...``) calibrates the benchmark's knobs.
 """
 
 from __future__ import annotations
@@ -48,6 +51,8 @@ class Job:
     overrides: dict = field(default_factory=dict)
     eval_data: Path | None = None  # also evaluate on this folder's cityscapes/val -> eval_tune.json
     cut_cache: Path | None = None  # phase 0 (CUT pre-training) shared between runs with G
+    data: Path | None = None  # train on this folder instead of the experiment's --data
+    variant: str | None = None  # the ToyStreets variant the run belongs to (gap matrix)
 
     def cost(self) -> float:
         return COST.get(self.method, 1.0) * self.iters
@@ -83,7 +88,7 @@ def run_jobs(jobs: list[Job], data: Path, preset: str = "toy", n_procs: int = 2,
     def one(job: Job) -> str:
         job.out.mkdir(parents=True, exist_ok=True)
         with open(job.out / "log.txt", "a") as log:
-            for cmd in job.commands(data, preset):
+            for cmd in job.commands(job.data or data, preset):
                 rc = subprocess.run(cmd, env=env, stdout=log, stderr=log).returncode
                 if rc != 0:
                     return f"{job.name}: FAILED (exit {rc}), see {job.out / 'log.txt'}"
@@ -120,6 +125,8 @@ def collect(jobs: list[Job], preset: str, experiment: str, extra: dict | None = 
         row = {"name": j.name, "method": j.method, "iters": j.iters, "seed": j.seed,
                "overrides": j.overrides, "seconds": (sm or {}).get("seconds"),
                "commit": (sm or {}).get("commit")}  # fmt: skip
+        if j.variant is not None:
+            row["variant"] = j.variant
         if j.eval_data is not None:  # tuning: the tuning split's score only, never the val's
             tune = _read(j.out / "eval_tune.json")
             if tune is None:
@@ -190,3 +197,72 @@ def converged_length(table: dict[str, dict[int, float]], tol: float = 1.0) -> in
 def _check_lengths(preset: str, lengths) -> None:
     for n in lengths:
         scale_schedule(get_preset(preset), n).validate()
+
+
+# ---- the gap matrix: which alignment closes which gap ----------------------------------------
+GAP_VARIANTS = {  # ToyStreets knobs of each variant (the source "game" is the same in all three)
+    "appearance": {"content_gap": 0.0},  # the city looks different, its content is the game's
+    "content": {"appearance_gap": 0.0},  # the city looks like the game, its content differs
+    "both": {},  # the default benchmark
+}
+GAP_METHODS = ("source_only", "oracle", "fda", "style", "selftrain", "confeti")
+
+
+def parse_variant(spec: str) -> tuple[str, dict]:
+    """``"name:knob=value,knob=value"`` -> (name, {knob: value}); knobs of ``write_toystreets``."""
+    import inspect
+
+    from .toystreets import write_toystreets
+
+    name, _, body = spec.partition(":")
+    allowed = set(inspect.signature(write_toystreets).parameters) - {"out", "progress", "workers"}
+    knobs = {}
+    for item in filter(None, body.split(",")):
+        k, eq, v = item.partition("=")
+        if not eq or k not in allowed:
+            raise SystemExit(f"--variant {spec!r}: expected name:knob=value,... with knobs among "
+                             f"{sorted(allowed)}")  # fmt: skip
+        knobs[k] = int(v) if v.lstrip("-").isdigit() else float(v)
+    if not name:
+        raise SystemExit(f"--variant {spec!r}: the variant needs a name before ':'")
+    return name, knobs
+
+
+def variant_data(root: Path, name: str, knobs: dict, default: Path) -> Path:
+    """The data folder of a variant: ``default`` (the --data folder) when it has no knobs, else
+    ``root/name``, generated once (a folder without ``toystreets.json`` is unfinished: rewritten)."""
+    if not knobs:
+        return default
+    from .toystreets import write_toystreets
+
+    out = root / name
+    if not (out / "toystreets.json").exists():
+        print(f"generating ToyStreets variant {name} {knobs} -> {out}", flush=True)
+        write_toystreets(out, progress=False, **knobs)
+    return out
+
+
+def gap_jobs(out: Path, variants: dict[str, Path], methods, iters: int, seed: int = 0) -> list[Job]:
+    """One run per variant and method, each on its variant's data; phase 0 shared per data."""
+    return [Job(f"{v}/{m}", m, out / v / m.replace("+", "_"), iters, seed,
+                cut_cache=out / "cut_cache", data=d, variant=v)
+            for v, d in variants.items() for m in methods]  # fmt: skip
+
+
+def gap_table(res: dict) -> dict[str, dict[str, float]]:
+    """{variant: {method: mIoU}} of a gap-matrix result."""
+    table: dict[str, dict[str, float]] = {}
+    for r in res["runs"]:
+        table.setdefault(r["variant"], {})[r["method"]] = r["miou"]
+    return table
+
+
+def gap_closed(table: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Per variant, the share of the source-only -> oracle gap each method closes, in percent:
+    100 (m - source_only) / (oracle - source_only). Variants without both ends are left out."""
+    out = {}
+    for v, row in table.items():
+        if "source_only" in row and "oracle" in row and row["oracle"] > row["source_only"]:
+            lo, hi = row["source_only"], row["oracle"]
+            out[v] = {m: 100.0 * (x - lo) / (hi - lo) for m, x in row.items()}
+    return out

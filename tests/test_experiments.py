@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from confeti import experiments as ex
 
 
@@ -53,3 +55,54 @@ def test_convergence_figure_has_one_coloured_line_per_method():
     assert labels == ["source_only", "confeti", "toy preset: 1600"]
     lines = {ln.get_label(): ln.get_color() for ln in ax.get_lines()}
     assert lines["confeti"] == METHOD_COLORS["confeti"] and ax.get_ylabel() and ax.get_xlabel()
+
+
+def test_parse_variant_names_the_bad_knob():
+    assert ex.parse_variant("appearance:content_gap=0") == ("appearance", {"content_gap": 0})
+    assert ex.parse_variant("both:") == ("both", {})
+    assert ex.parse_variant("x:content_gap=0.5,n_source=8") == (
+        "x", {"content_gap": 0.5, "n_source": 8})  # fmt: skip
+    with pytest.raises(SystemExit, match="colour_gap"):
+        ex.parse_variant("x:colour_gap=1")
+    with pytest.raises(SystemExit, match="needs a name"):
+        ex.parse_variant(":content_gap=0")
+
+
+def test_gap_closed_is_the_share_of_source_only_to_oracle():
+    table = {"both": {"source_only": 30.0, "oracle": 60.0, "fda": 36.0, "confeti": 48.0},
+             "content": {"source_only": 50.0, "fda": 51.0}}  # fmt: skip
+    closed = ex.gap_closed(table)
+    assert set(closed) == {"both"}  # no oracle: no gap to close
+    assert closed["both"]["fda"] == pytest.approx(20.0)
+    assert closed["both"]["confeti"] == pytest.approx(60.0)
+    assert closed["both"]["source_only"] == 0.0 and closed["both"]["oracle"] == 100.0
+
+
+def test_gap_matrix_runs_each_variant_on_its_own_data(toy, tmp_path):
+    tiny = "n_source=8,n_target_train=8,n_target_val=2,height=64,width=128"
+    knobs = dict(ex.parse_variant(s) for s in ("both:", f"appearance:content_gap=0,{tiny}"))
+    variants = {v: ex.variant_data(tmp_path / "data", v, kn, toy) for v, kn in knobs.items()}
+    assert variants["both"] == toy  # no knobs: the experiment's own data, not regenerated
+    meta = json.loads((variants["appearance"] / "toystreets.json").read_text())
+    assert meta["content_gap"] == 0 and meta["n_source"] == 8
+    jobs = ex.gap_jobs(tmp_path / "runs", variants, ["source_only"], iters=2)
+    assert [j.data for j in jobs] == [toy, variants["appearance"]]
+    assert not list(variants["appearance"].rglob(".confeti_check.json"))
+    ex.run_jobs(jobs, toy, preset="smoke", n_procs=1, progress=False)
+    assert all(j.done() for j in jobs)
+    # the run trained on its variant: the data check left its per-file cache in that folder
+    assert list(variants["appearance"].rglob(".confeti_check.json"))
+    res = ex.collect(jobs, "smoke", "gapmatrix")
+    assert [r["variant"] for r in res["runs"]] == ["both", "appearance"]
+    assert set(ex.gap_table(res)) == {"both", "appearance"}
+
+
+def test_gap_matrix_figure_shows_every_cell():
+    from confeti.plots import plot_gap_matrix
+
+    table = {"appearance": {"source_only": 30.0, "oracle": 60.0, "fda": 45.0},
+             "both": {"source_only": 25.0, "oracle": 58.0, "fda": 30.0}}  # fmt: skip
+    fig = plot_gap_matrix(table)
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert "50 %\n45.0" in texts and len(texts) == 6
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["appearance gap", "both gap"]
