@@ -1,5 +1,11 @@
-"""The CONFETI iteration: one function, ``train_step``, that reads top to bottom in the order of
-the official code (docs/method.md §8), and the models it works on.
+"""The CONFETI iteration and the models it works on. ``train_step`` is a short recipe that reads
+top to bottom in the order of the official code (docs/method.md §8): eleven phase functions,
+``phase_ema`` -> ``phase_stylize`` -> ``phase_pseudo_labels`` -> ``phase_class_mix`` ->
+``phase_prototype_update`` -> ``phase_semantic_consistency`` -> ``phase_cut_step`` ->
+``phase_source_branch`` -> ``phase_mixed_branch`` -> ``phase_target_contrast`` ->
+``phase_optimizer``, which hand each other their tensors in a ``StepContext``. Calling
+``begin_step``, the phases in that order and ``logged_values`` is ``train_step``, bit for bit
+(tests/test_phases.py).
 
 Taught in notebooks/04_joint_training.ipynb. Every method of the ablation is this same step with
 parts switched off (``Parts``): ``source_only`` trains on raw source; ``fda`` on source images
@@ -25,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -283,6 +289,41 @@ def _contrast(state: TrainState, feats, labels, scale: float = 1.0) -> dict[str,
     return {k: v * scale for k, v in out.items()}
 
 
+@dataclass
+class StepContext:
+    """What the phases of one iteration hand each other (docs/method.md §8).
+
+    ``begin_step`` fills the inputs; each ``phase_*`` function reads what the earlier ones wrote
+    and adds its own outputs; ``logged_values`` turns ``logs`` into floats at the end. A field a
+    method does not use stays None (``mixing`` False).
+
+    Shape (B images per domain, an H x W crop): x_s, x_t, x_s2t, x_src, x_m (B, 3, H, W) float;
+    y_s, y_t_hat, y_m (B, H, W) long train ids (255 = ignore); w_t, t_conf, m, w_m (B, H, W)
+    float; q () float tensor; psc and every ``logs`` value () tensors.
+    """
+
+    t: int  # the iteration within the training phase (the gates count from 0)
+    autocast: contextlib.AbstractContextManager  # the mixed-precision context (off on CPU)
+    x_s: torch.Tensor  # source images (for the oracle: the labelled target)
+    y_s: torch.Tensor  # their labels
+    x_t: torch.Tensor  # target images, unlabelled
+    protos_ready: bool  # the prototypes held something before this iteration's update
+    logs: dict[str, torch.Tensor] = field(default_factory=dict)
+    x_s2t: torch.Tensor | None = None  # G(x_s) (graph to G while G trains), FDA(x_s) or x_s
+    x_src: torch.Tensor | None = None  # x_s2t detached, fp32: what the segmentor trains on
+    src_keys: list | None = None  # G's encoder outputs on x_s: the PatchNCE keys of the CUT step
+    y_t_hat: torch.Tensor | None = None  # the teacher's pseudo-labels on x_t
+    w_t: torch.Tensor | None = None  # their pixel weights (q, 0 in the ignored bands)
+    q: torch.Tensor | None = None  # share of target pixels the teacher is confident about
+    t_conf: torch.Tensor | None = None  # the teacher's max_c p per target pixel
+    mixing: bool = False  # the mixed branch runs this iteration (selftrain, t >= mix_start)
+    m: torch.Tensor | None = None  # ClassMix mask, 1 = pasted source pixel
+    x_m: torch.Tensor | None = None  # mixed image, after the strong augmentation
+    y_m: torch.Tensor | None = None  # mixed label: y_s where m = 1, y_t_hat elsewhere
+    w_m: torch.Tensor | None = None  # mixed pixel weights: 1 where m = 1, w_t elsewhere
+    psc: torch.Tensor | None = None  # L_psc, backpropagated inside the CUT step
+
+
 def train_step(
     state: TrainState, batch: dict, t: int, amp=None, debug: dict | None = None
 ) -> dict[str, float]:
@@ -291,122 +332,211 @@ def train_step(
     Pass a dict as ``debug`` to receive this iteration's intermediate images (x_s2t, pseudo-label,
     ClassMix mask, mixed image/label/weights) -- the official debug figure, rebuilt.
 
-    Order (docs/method.md §8): EMA -> stylize -> pseudo-labels -> ClassMix -> prototype update ->
-    consistency -> CUT step -> source branch (+ feature distance, one backward) -> mixed branch
-    -> target contrast -> optimizer step. (The official code runs consistency and the CUT step
-    after the source branch; see step 6.)
+    A recipe of phases in the order of docs/method.md §8 (each function says what it computes;
+    notebook 04 calls them one by one). The official code runs the consistency and the CUT step
+    after the source branch; see ``phase_semantic_consistency``.
     """
-    cfg, p = state.cfg, state.parts
-    autocast = amp if amp is not None else torch.autocast("cpu", enabled=False)
+    ctx = begin_step(state, batch, t, amp)
+    phase_ema(state, ctx)  # 1. EMA teacher
+    phase_stylize(state, ctx)  # 2. x_s2t = G(x_s)
+    phase_pseudo_labels(state, ctx)  # 3. teacher on x_t: y_t_hat, w_t, q
+    phase_class_mix(state, ctx)  # 4. x_m, y_m, w_m
+    if debug is not None:
+        debug.update(debug_images(state, ctx))
+    phase_prototype_update(state, ctx)  # 5. EMA of the class prototypes P (no gradient)
+    phase_semantic_consistency(state, ctx)  # 6. L_psc, the segmentor frozen
+    phase_cut_step(state, ctx)  # 7. D step, then G + F step (+ L_psc)
+    phase_source_branch(state, ctx)  # 8. CE + CAM + contrast (+ FD) on x_src, one backward
+    phase_mixed_branch(state, ctx)  # 9. weighted CE + CAM + contrast on x_m
+    phase_target_contrast(state, ctx)  # 10. q L_pc on x_t
+    phase_optimizer(state, ctx)  # 11. one AdamW step, then the LR schedule
+    return logged_values(ctx)
+
+
+def begin_step(state: TrainState, batch: dict, t: int, amp=None) -> StepContext:
+    """The context of iteration t: the batch (the oracle trains on the labelled target with the
+    same loop), no gradient left from the previous iteration, and whether the prototypes are
+    ready (``protos_ready``: they hold something, read before this iteration's update).
+
+    Shape: batch x_s, x_t (B, 3, H, W), y_s (and y_t) (B, H, W).
+    """
     x_s, y_s, x_t = batch["x_s"], batch["y_s"], batch["x_t"]
-    if p.oracle:  # the upper bound trains on the labelled target with the same loop
+    if state.parts.oracle:
         x_s, y_s = batch["x_t"], batch["y_t"]
-    logs: dict[str, torch.Tensor] = {}
     state.optimizer.zero_grad(set_to_none=True)
-    protos_ready = state.uses_protos and bool(state.protos.counts.sum() > 0)
+    return StepContext(
+        t=t,
+        autocast=amp if amp is not None else torch.autocast("cpu", enabled=False),
+        x_s=x_s,
+        y_s=y_s,
+        x_t=x_t,
+        protos_ready=state.uses_protos and bool(state.protos.counts.sum() > 0),
+    )
 
-    # 1. EMA teacher: phi <- alpha_t phi + (1 - alpha_t) theta
+
+def phase_ema(state: TrainState, ctx: StepContext) -> None:
+    """Step 1, the EMA teacher: φ ← α_t φ + (1 − α_t) θ, α_t = min(1 − 1/(t+1), α) (``ema_update``).
+
+    Only where a teacher exists (selftrain, contrast). Its time counts into the "stylize" phase.
+    Shape: the teacher's and the student's parameters, in place.
+    """
     if state.teacher is not None:
-        ema_update(state.teacher, state.student, t, cfg.ema_alpha)
+        ema_update(state.teacher, state.student, ctx.t, state.cfg.ema_alpha)
 
-    # 2. stylize the source: x_s2t = G(x_s), graph to G kept only while G trains
-    src_keys = None  # G's encoder outputs on x_s: the PatchNCE keys of the CUT step below
+
+def phase_stylize(state: TrainState, ctx: StepContext) -> None:
+    """Step 2, stylize the source: x_s2t = G(x_s), with the graph to G only while G trains
+    (it is needed by L_psc and the CUT step), and G's encoder outputs on x_s (``src_keys``, the
+    PatchNCE keys). ``fda``: x_s2t = FDA(x_s, a random target image), a fixed translation; no
+    style part: x_s2t = x_s. x_src = sg[x_s2t] in fp32: segmentation never reaches G.
+
+    Shape: x_s (B, 3, H, W) -> x_s2t, x_src (B, 3, H, W).
+    """
+    p, x_s, x_t = state.parts, ctx.x_s, ctx.x_t
     if p.style:
         if state.train_style:
-            with autocast:
-                x_s2t, src_keys = state.style.translate_with_keys(x_s)
+            with ctx.autocast:
+                ctx.x_s2t, ctx.src_keys = state.style.translate_with_keys(x_s)
         else:
-            with torch.no_grad(), autocast:
-                x_s2t = state.style.translate(x_s)
+            with torch.no_grad(), ctx.autocast:
+                ctx.x_s2t = state.style.translate(x_s)
     elif p.fda:  # a fixed translation: the low-frequency amplitude of a random target image
-        x_s2t = fda_transfer(
-            x_s, x_t[torch.randperm(x_t.shape[0], device=x_t.device)], cfg.fda_beta
+        ctx.x_s2t = fda_transfer(
+            x_s, x_t[torch.randperm(x_t.shape[0], device=x_t.device)], state.cfg.fda_beta
         )
     else:
-        x_s2t = x_s
-    x_src = x_s2t.detach().float()  # segmentation never reaches G
-
+        ctx.x_s2t = x_s
+    ctx.x_src = ctx.x_s2t.detach().float()  # x_src = sg[x_s2t]
     _mark(state, "stylize")
 
-    # 3. pseudo-labels of the teacher on the target: y_t_hat, weights = q (quality)
+
+def phase_pseudo_labels(state: TrainState, ctx: StepContext) -> None:
+    """Step 3, the teacher's pseudo-labels on the target (``pseudo_label``):
+    ŷ_t = argmax_c p_φ(x_t), q = mean[max_c p ≥ threshold], w_t = q (0 in the ignored top and
+    bottom bands); t_conf = max_c p per pixel. Logs ``pseudo_q``. Only where a teacher exists.
+
+    Shape: x_t (B, 3, H, W) -> teacher logits (B, C, h, w), upsampled to (B, C, H, W) ->
+    y_t_hat (B, H, W) long, w_t and t_conf (B, H, W), q ().
+    """
+    cfg = state.cfg
     if state.teacher is not None:
-        with torch.no_grad(), autocast:
-            t_logits, _ = state.teacher(x_t)
-        t_logits = F.interpolate(t_logits.float(), size=x_t.shape[-2:], mode="bilinear")
-        y_t_hat, w_t, q = pseudo_label(
+        with torch.no_grad(), ctx.autocast:
+            t_logits, _ = state.teacher(ctx.x_t)
+        t_logits = F.interpolate(t_logits.float(), size=ctx.x_t.shape[-2:], mode="bilinear")
+        ctx.y_t_hat, ctx.w_t, ctx.q = pseudo_label(
             t_logits, cfg.pseudo_threshold, cfg.pseudo_ignore_top, cfg.pseudo_ignore_bottom
         )
-        t_conf = torch.softmax(t_logits, dim=1).amax(dim=1)  # (B, H, W) max_c p
-        logs["pseudo_q"] = q
-
+        ctx.t_conf = torch.softmax(t_logits, dim=1).amax(dim=1)  # (B, H, W) max_c p
+        ctx.logs["pseudo_q"] = ctx.q
     _mark(state, "pseudo_labels")
 
-    # 4. ClassMix of the (stylized, detached) source onto the target + strong augmentation
-    mixing = p.selftrain and t >= cfg.mix_start  # the gate holds self-training back at first
-    if mixing:
-        m = class_mix_masks(y_s, num_classes=cfg.num_classes)  # (B, H, W) 1 = pasted source
-        x_m = strong_augment(
-            mix(x_src, x_t, m),
+
+def phase_class_mix(state: TrainState, ctx: StepContext) -> None:
+    """Step 4, ClassMix of the (stylized, detached) source onto the target, from ``mix_start``
+    on (the gate holds self-training back at first): M = half of each source image's classes
+    (``class_mix_masks``), x_m = aug(x_src ⊙ M + x_t ⊙ (1 − M)) with colour jitter and blur
+    (``strong_augment``), y_m = y_s ⊙ M + ŷ_t ⊙ (1 − M), w_m = M + w_t ⊙ (1 − M).
+
+    Shape: x_src, x_t (B, 3, H, W), y_s, y_t_hat, w_t (B, H, W) -> m, w_m (B, H, W) float,
+    x_m (B, 3, H, W), y_m (B, H, W) long.
+    """
+    cfg = state.cfg
+    ctx.mixing = state.parts.selftrain and ctx.t >= cfg.mix_start
+    if ctx.mixing:
+        ctx.m = class_mix_masks(ctx.y_s, num_classes=cfg.num_classes)  # 1 = pasted source
+        ctx.x_m = strong_augment(
+            mix(ctx.x_src, ctx.x_t, ctx.m),
             jitter_p=cfg.color_jitter_p,
             strength=cfg.color_jitter_strength,
             blur_p=cfg.blur_p,
         )
-        y_m = mix(y_s, y_t_hat, m)
-        w_m = mix_weights(m, w_t)  # 1 on pasted source pixels, q elsewhere
-
+        ctx.y_m = mix(ctx.y_s, ctx.y_t_hat, ctx.m)
+        ctx.w_m = mix_weights(ctx.m, ctx.w_t)  # 1 on pasted source pixels, q elsewhere
     _mark(state, "class_mix")
-    if debug is not None:
-        debug.update(x_s=x_s, x_s2t=x_src, x_t=x_t, y_s=y_s)
-        if state.teacher is not None:
-            debug.update(y_t_hat=y_t_hat, w_t=w_t, t_conf=t_conf)
-        if mixing:
-            debug.update(mask=m, x_m=x_m, y_m=y_m, w_m=w_m)
 
-    # 5. prototypes from teacher features (no grad); warm-up: pasted source GT, uniform weights
-    if state.uses_protos:
-        warm = t <= cfg.proto_warmup_iters
-        teacher = state.teacher if state.teacher is not None else state.student
-        with torch.no_grad(), autocast:
-            if mixing:
-                f_m = teacher.features(x_m)
-                # CAM weights only where the CAM head is trained (the contrast part)
-                cam = None if warm or not p.contrast else F.relu(teacher.cam(f_m)).float()
-                state.protos.update(
-                    teacher.proj(f_m).float(), y_m, weights=cam, mask=(m > 0) if warm else None
-                )
-            else:  # no mix: source GT, plus confident target pseudo-labels after the warm-up
-                x_p, y_p = x_src, y_s
-                if p.contrast and not warm and state.teacher is not None:
-                    confident = t_conf >= cfg.pseudo_threshold  # per pixel, (B, H, W)
-                    x_p = torch.cat([x_src, x_t])
-                    y_p = torch.cat([y_s, y_t_hat.masked_fill(~confident, IGNORE_INDEX)])
-                f_p = teacher.features(x_p)
-                state.protos.update(teacher.proj(f_p).float(), y_p)  # one update per iteration
 
+def debug_images(state: TrainState, ctx: StepContext) -> dict[str, torch.Tensor]:
+    """The intermediate images of ``train_step(debug=...)``, after ClassMix: x_s, x_s2t (the
+    detached x_src), x_t, y_s; with a teacher y_t_hat, w_t, t_conf; when mixing the mask and
+    x_m, y_m, w_m. Shape: as in ``StepContext``."""
+    out = dict(x_s=ctx.x_s, x_s2t=ctx.x_src, x_t=ctx.x_t, y_s=ctx.y_s)
+    if state.teacher is not None:
+        out.update(y_t_hat=ctx.y_t_hat, w_t=ctx.w_t, t_conf=ctx.t_conf)
+    if ctx.mixing:
+        out.update(mask=ctx.m, x_m=ctx.x_m, y_m=ctx.y_m, w_m=ctx.w_m)
+    return out
+
+
+def phase_prototype_update(state: TrainState, ctx: StepContext) -> None:
+    """Step 5, the class prototypes from teacher embeddings, without gradient (the student
+    where there is no teacher): P_c ← m P_c + (1 − m) mean of the top-k embeddings of class c
+    (``PrototypeMemory.update``). When mixing: embeddings of x_m with labels y_m, weighted by
+    the teacher's CAM where the CAM head trains (contrast); during the warm-up (t ≤
+    ``proto_warmup_iters``) only the pasted source pixels, uniform weights. Without mixing:
+    x_src with y_s, plus x_t with the confident pseudo-labels (t_conf ≥ threshold) after the
+    warm-up (contrast). One update per iteration.
+
+    Shape: x_m or x_src/x_t (N, 3, H, W) -> embeddings (N, D, h, w), labels (N, H, W) ->
+    prototypes (C, D).
+    """
+    if not state.uses_protos:
+        _mark(state, "prototype_update")
+        return
+    cfg, p = state.cfg, state.parts
+    warm = ctx.t <= cfg.proto_warmup_iters
+    teacher = state.teacher if state.teacher is not None else state.student
+    with torch.no_grad(), ctx.autocast:
+        if ctx.mixing:
+            f_m = teacher.features(ctx.x_m)
+            # CAM weights only where the CAM head is trained (the contrast part)
+            cam = None if warm or not p.contrast else F.relu(teacher.cam(f_m)).float()
+            state.protos.update(
+                teacher.proj(f_m).float(), ctx.y_m, weights=cam, mask=(ctx.m > 0) if warm else None
+            )
+        else:  # no mix: source GT, plus confident target pseudo-labels after the warm-up
+            x_p, y_p = ctx.x_src, ctx.y_s
+            if p.contrast and not warm and state.teacher is not None:
+                confident = ctx.t_conf >= cfg.pseudo_threshold  # per pixel, (B, H, W)
+                x_p = torch.cat([ctx.x_src, ctx.x_t])
+                y_p = torch.cat([ctx.y_s, ctx.y_t_hat.masked_fill(~confident, IGNORE_INDEX)])
+            f_p = teacher.features(x_p)
+            state.protos.update(teacher.proj(f_p).float(), y_p)  # one update per iteration
     _mark(state, "prototype_update")
 
-    # 6. prototypical semantic consistency: the segmentor judges G; its weights stay frozen.
-    # PSC and the CUT step come before the segmentor's branches (the official code runs them
-    # after the source branch): G's graphs are freed before the segmentor's are built, which
-    # lowers the peak memory; nothing they use changes in between, so only the order of the
-    # random draws differs (patch positions, contrast samples)
-    psc = None
-    if state.train_style and protos_ready and cfg.psc_weight > 0:
+
+def phase_semantic_consistency(state: TrainState, ctx: StepContext) -> None:
+    """Step 6, the prototypical semantic consistency: the segmentor judges G, its weights and
+    BatchNorm statistics frozen (``semantic_consistency``, ``frozen``, ``bn_stats_frozen``):
+    L_psc = λ_psc · mean (r(e(x_s2t)) Pᵀ − sg[e(x_s)] Pᵀ)², e = proj ∘ backbone, r the adapter
+    (``psc_judge="teacher"``: e(x_s) from the teacher, both sides L2-normalised and divided by τ).
+    Only while G trains and the prototypes are ready; the gradient flows through the frozen
+    segmentor into G and the adapter, inside the CUT step's backward. Logs ``psc``.
+
+    The official code runs this and the CUT step after the source branch. Here they come
+    before the segmentor's branches: G's graphs are freed before the segmentor's are built,
+    which lowers the peak memory; nothing they use changes in between, so only the order of
+    the random draws differs (patch positions, contrast samples). ``grad_checkpoint``: the
+    student pass over x_s2t is recomputed in the CUT step's backward, as frozen as here.
+
+    Shape: x_s, x_s2t (B, 3, H, W) -> embeddings (B, D, h, w), prototypes (C, D) -> psc ().
+    """
+    cfg = state.cfg
+    if state.train_style and ctx.protos_ready and cfg.psc_weight > 0:
         s = state.student
         judge = state.teacher if (cfg.psc_judge == "teacher" and state.teacher) else s
         # frozen weights, and frozen BatchNorm statistics: these passes judge G, they must not
         # move the running statistics that evaluation uses (raw source is not a training input)
-        with autocast, frozen(s.seg, s.proj), bn_stats_frozen(s, judge):
+        with ctx.autocast, frozen(s.seg, s.proj), bn_stats_frozen(s, judge):
             with torch.no_grad():
-                emb_src = judge.proj(judge.features(x_s))
+                emb_src = judge.proj(judge.features(ctx.x_s))
             if cfg.grad_checkpoint:  # recomputed in the CUT step's backward, as frozen as here
                 emb_s2t = torch.utils.checkpoint.checkpoint(
-                    lambda x: s.proj(s.features(x)), x_s2t, use_reentrant=False,
+                    lambda x: s.proj(s.features(x)), ctx.x_s2t, use_reentrant=False,
                     context_fn=lambda: (contextlib.nullcontext(), _judging_again(s)),
                 )  # fmt: skip
             else:
-                emb_s2t = s.proj(s.features(x_s2t))
-            psc = semantic_consistency(
+                emb_s2t = s.proj(s.features(ctx.x_s2t))
+            ctx.psc = semantic_consistency(
                 emb_src.float(),
                 emb_s2t.float(),
                 state.protos.get(),
@@ -415,86 +545,129 @@ def train_step(
                 tau=cfg.tau,
                 weight=cfg.psc_weight,
             )
-        logs["psc"] = psc
-
+        ctx.logs["psc"] = ctx.psc
     _mark(state, "semantic_consistency")
 
-    # 7. CUT step: D on (x_s2t, x_t), then G + F with GAN + PatchNCE (+ consistency)
-    if state.train_style:
-        with autocast:
-            scaler = getattr(state, "scaler", None)
-            logs.update(_tensors(state.style.d_step(x_s2t, x_t, scaler=scaler)))
-            logs.update(
-                _tensors(
-                    state.style.g_step(
-                        x_s, x_t, x_s2t, extra_loss=psc, scaler=scaler, src_feats=src_keys
-                    )
-                )
-            )
 
+def phase_cut_step(state: TrainState, ctx: StepContext) -> None:
+    """Step 7, the CUT step while G trains: D on (x_s2t, x_t) with LSGAN
+    (``StyleTransfer.d_step``), then G + F on L_G = λ_GAN L_GAN + λ_NCE · ½[L_NCE(x_s, x_s2t) +
+    L_NCE(x_t, G(x_t))] + L_psc (``g_step``: one backward, then G and F step; the gradient L_psc
+    leaves in the adapter waits for step 11). Logs ``loss_D``, ``loss_G`` and its parts.
+
+    Shape: x_s, x_t, x_s2t (B, 3, H, W) -> scalars.
+    """
+    if state.train_style:
+        with ctx.autocast:
+            scaler = getattr(state, "scaler", None)
+            ctx.logs.update(_tensors(state.style.d_step(ctx.x_s2t, ctx.x_t, scaler=scaler)))
+            g = state.style.g_step(
+                ctx.x_s,
+                ctx.x_t,
+                ctx.x_s2t,
+                extra_loss=ctx.psc,
+                scaler=scaler,
+                src_feats=ctx.src_keys,
+            )
+            ctx.logs.update(_tensors(g))
     _mark(state, "cut_steps")
 
-    # 8. source branch on x_s2t (detached): CE + CAM (+ contrast after the gate)
-    with autocast:
-        logits_s, f_src = state.student(x_src)
-        loss_src = logs["seg_src"] = seg_ce(logits_s.float(), y_s)
+
+def phase_source_branch(state: TrainState, ctx: StepContext) -> None:
+    """Step 8, the source branch on x_src = sg[x_s2t], one backward:
+    L_s = CE(f_θ(x_src), y_s) + λ_cam L_cam (contrast) + L_pc + L_reg (contrast, after
+    ``contrast_start`` once the prototypes are ready) + λ_fd L_fd (the ImageNet feature distance
+    on thing classes; needs a pretrained backbone). One backward frees the source graph here
+    instead of holding it until a second. Logs ``seg_src``, ``cam_src``, ``pc_src``, ``reg_src``,
+    ``fd``.
+
+    Shape: x_src (B, 3, H, W) -> logits (B, C, h, w), features (B, F, h, w); y_s (B, H, W).
+    """
+    cfg, p, logs = state.cfg, state.parts, ctx.logs
+    with ctx.autocast:
+        logits_s, f_src = state.student(ctx.x_src)
+        loss_src = logs["seg_src"] = seg_ce(logits_s.float(), ctx.y_s)
         if p.contrast:
             logs["cam_src"] = cfg.cam_weight * cam_loss(
-                state.student.cam(f_src).float(), y_s, cfg.num_classes
+                state.student.cam(f_src).float(), ctx.y_s, cfg.num_classes
             )
             loss_src = loss_src + logs["cam_src"]
-            if t > cfg.contrast_start and protos_ready:
-                pc = _contrast(state, f_src.float(), y_s)
+            if ctx.t > cfg.contrast_start and ctx.protos_ready:
+                pc = _contrast(state, f_src.float(), ctx.y_s)
                 logs["pc_src"], logs["reg_src"] = pc["ce"], pc["reg"]
                 loss_src = loss_src + pc["ce"] + pc["reg"]
-    # ImageNet feature distance on thing classes (needs a pretrained backbone), added to the
-    # source loss: one backward frees the source graph here instead of holding it until a second
     if cfg.fd_weight > 0 and state.imnet is not None:
-        with torch.no_grad(), autocast:
-            f_in = state.imnet.features(x_s)  # the backbone only: its ASPP head is unused
+        with torch.no_grad(), ctx.autocast:
+            f_in = state.imnet.features(ctx.x_s)  # the backbone only: its ASPP head is unused
         logs["fd"] = cfg.fd_weight * feature_distance(
-            f_src.float(), f_in.float(), y_s, THING_CLASSES, cfg.fd_ratio, cfg.num_classes
+            f_src.float(), f_in.float(), ctx.y_s, THING_CLASSES, cfg.fd_ratio, cfg.num_classes
         )
         loss_src = loss_src + logs["fd"]
     _backward(state, loss_src, logs)
-
     _mark(state, "student_source")
 
-    # 9. mixed branch: pixel-weighted CE (+ CAM, contrast after their gates)
-    if mixing:
-        with autocast:
-            logits_m, f_mix = state.student(x_m)
-            loss_mix = logs["seg_mix"] = seg_ce(logits_m.float(), y_m, w_m)
-            if p.contrast and t > cfg.cam_mix_start:
+
+def phase_mixed_branch(state: TrainState, ctx: StepContext) -> None:
+    """Step 9, the mixed branch when mixing: L_m = mean(w_m ⊙ CE(f_θ(x_m), y_m)) + λ_cam L_cam
+    (contrast, after ``cam_mix_start``) + L_pc + L_reg (contrast, from ``contrast_start`` once
+    the prototypes are ready), one backward. Logs ``seg_mix``, ``cam_mix``, ``pc_mix``,
+    ``reg_mix``.
+
+    Shape: x_m (B, 3, H, W) -> logits (B, C, h, w), features (B, F, h, w); y_m, w_m (B, H, W).
+    """
+    cfg, p, logs = state.cfg, state.parts, ctx.logs
+    if ctx.mixing:
+        with ctx.autocast:
+            logits_m, f_mix = state.student(ctx.x_m)
+            loss_mix = logs["seg_mix"] = seg_ce(logits_m.float(), ctx.y_m, ctx.w_m)
+            if p.contrast and ctx.t > cfg.cam_mix_start:
                 logs["cam_mix"] = cfg.cam_weight * cam_loss(
-                    state.student.cam(f_mix).float(), y_m, cfg.num_classes
+                    state.student.cam(f_mix).float(), ctx.y_m, cfg.num_classes
                 )
                 loss_mix = loss_mix + logs["cam_mix"]
-            if p.contrast and t >= cfg.contrast_start and protos_ready:
-                pc = _contrast(state, f_mix.float(), y_m)
+            if p.contrast and ctx.t >= cfg.contrast_start and ctx.protos_ready:
+                pc = _contrast(state, f_mix.float(), ctx.y_m)
                 logs["pc_mix"], logs["reg_mix"] = pc["ce"], pc["reg"]
                 loss_mix = loss_mix + pc["ce"] + pc["reg"]
         _backward(state, loss_mix, logs)
-
     _mark(state, "student_mixed")
 
-    # 10. target contrast with pseudo-labels, scaled by their quality q (stage 1 / contrast)
-    tgt_contrast = p.contrast and (state.train_style or not p.selftrain)
-    if tgt_contrast and t > cfg.contrast_start and protos_ready:
-        with autocast:
-            f_tgt = state.student.features(x_t)
-            pc = _contrast(state, f_tgt.float(), y_t_hat, scale=q)
-        logs["pc_tgt"], logs["reg_tgt"] = pc["ce"], pc["reg"]
-        _backward(state, pc["ce"] + pc["reg"], logs)
 
+def phase_target_contrast(state: TrainState, ctx: StepContext) -> None:
+    """Step 10, the target contrast with the pseudo-labels, scaled by their quality:
+    q · (L_pc + L_reg)(f_θ(x_t), ŷ_t), after ``contrast_start`` once the prototypes are ready;
+    where G trains (stage 1 / single stage) or for ``contrast`` alone, one backward. Logs
+    ``pc_tgt``, ``reg_tgt``.
+
+    Shape: x_t (B, 3, H, W) -> features (B, F, h, w); y_t_hat (B, H, W).
+    """
+    p = state.parts
+    tgt_contrast = p.contrast and (state.train_style or not p.selftrain)
+    if tgt_contrast and ctx.t > state.cfg.contrast_start and ctx.protos_ready:
+        with ctx.autocast:
+            f_tgt = state.student.features(ctx.x_t)
+            pc = _contrast(state, f_tgt.float(), ctx.y_t_hat, scale=ctx.q)
+        ctx.logs["pc_tgt"], ctx.logs["reg_tgt"] = pc["ce"], pc["reg"]
+        _backward(state, pc["ce"] + pc["reg"], ctx.logs)
     _mark(state, "target_contrast")
 
-    # 11. one optimizer step for everything the losses above reached; then the LR schedule
+
+def phase_optimizer(state: TrainState, ctx: StepContext) -> None:
+    """Step 11, one optimizer step for everything the losses above reached (under torchrun
+    after the gradients are averaged over ranks; with fp16 through the GradScaler), then the
+    learning rate of iteration t + 1 (``set_lr``)."""
     _step(state)
-    set_lr(state.optimizer, cfg, t + 1)
+    set_lr(state.optimizer, state.cfg, ctx.t + 1)
     _mark(state, "optimizer")
-    values = torch.stack([torch.as_tensor(v).detach().float().reshape(()) for v in logs.values()])
-    return dict(zip(logs, values.tolist()))  # one transfer for every logged value
+
+
+def logged_values(ctx: StepContext) -> dict[str, float]:
+    """Every logged loss as a float, in the order they were logged: one device-to-host
+    transfer for all of them."""
+    values = torch.stack(
+        [torch.as_tensor(v).detach().float().reshape(()) for v in ctx.logs.values()]
+    )
+    return dict(zip(ctx.logs, values.tolist()))
 
 
 @contextlib.contextmanager
