@@ -20,7 +20,8 @@ show the outputs of the full toy run. Four rules keep those outputs honest:
    trained from ``toy()`` and notebook 04 prints ``paper()`` beside it; a preset's *values*
    are hashed, so editing ``config.py``'s comments does not count), the commit, whether tracked
    files outside ``notebooks/`` had uncommitted changes, the date and whether it was a smoke run.
-   ``stale_reasons`` compares that record with today's files.
+   ``stale_reasons`` compares that record with today's files. Every notebook records both
+   presets, used or not: a preset change reruns all five (a few minutes once the runs exist).
 
 What the record cannot see: the package code itself (hashing it would mark every notebook stale
 at each refactor; the commit says which code made the outputs), the finished runs in ``runs/``
