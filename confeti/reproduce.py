@@ -2,7 +2,8 @@
 
 1. generate ToyStreets (skipped if ``DATA/toystreets.json`` exists);
 2. train the toy runs the figures need (source-only, style, contrast, CONFETI; a finished run,
-   one with ``eval.json``, is reused, an interrupted one is resumed);
+   one with ``eval.json``, is reused, an interrupted one is resumed), as two processes of one
+   thread each with the CUT pre-training shared (``experiments.run_jobs``);
 3. execute notebooks 01-05 headless *in place* (``confeti.notebooks.execute``: the committed
    notebooks get the outputs of the full toy run, cleaned, with a record of the code and the
    inputs they were made from), with ``CONFETI_RUNS``/``CONFETI_DATA`` pointing at the runs
@@ -34,12 +35,32 @@ def _step(i: int, n: int, text: str) -> float:
     return time.time()
 
 
+def _refuse_other_configs(jobs, cfg) -> None:
+    """A run folder trained with another config (an older preset, another length) is never
+    reused or resumed silently: stop and name it, and the fields that differ."""
+    import json
+
+    want = json.loads(json.dumps(cfg.to_dict()))  # tuples -> lists, as in config.json
+    for j in jobs:
+        f = j.out / "config.json"
+        if not f.exists():
+            continue
+        have = json.loads(f.read_text())
+        diff = sorted(k for k in want.keys() | have.get("config", {}).keys()
+                      if want.get(k) != have.get("config", {}).get(k))  # fmt: skip
+        if have.get("method") != j.method or diff:
+            shown = ", ".join(f"{k}: {have.get('config', {}).get(k)!r} -> {want.get(k)!r}"
+                              for k in diff[:5])  # fmt: skip
+            raise SystemExit(f"reproduce: {j.out} holds a run of another config ({shown}); "
+                             "move it away or pass --runs DIR to train the current preset")  # fmt: skip
+
+
 def reproduce(
     data="data/toystreets", runs="runs", figures="figures", preset="toy", notebooks_dir="notebooks"
 ) -> None:
+    from .experiments import Job, run_jobs
     from .figures import write_figures
     from .notebooks import execute
-    from .runner import train
     from .toystreets import write_toystreets
 
     data, runs, figures = Path(data), Path(runs), Path(figures)
@@ -51,15 +72,22 @@ def reproduce(
         write_toystreets(data)
     print(f"    done in {time.time() - t0:.0f}s", flush=True)
 
+    # the runs as separate processes of one thread each, two at a time, the longest first, the
+    # CUT pre-training (phase 0) trained once and shared by the runs with G (experiments.run_jobs)
     cfg = get_preset(preset)
-    for m in FIGURE_RUNS:
-        out = runs / preset / m
-        t0 = _step(2, n, f"train {m} ({preset} preset) -> {out}")
-        if (out / "eval.json").exists():
-            print("    finished run found, reused", flush=True)
-            continue
-        train(cfg, m, data, out, resume=(out / "config.json").exists())
-        print(f"    done in {time.time() - t0:.0f}s", flush=True)
+    jobs = [Job(m, m, runs / preset / m, cfg.iters, cfg.seed, cut_cache=runs / preset / "cut_cache")
+            for m in FIGURE_RUNS]  # fmt: skip
+    _refuse_other_configs(jobs, cfg)
+    todo = [j.name for j in jobs if not j.done()]
+    t0 = _step(2, n, f"train {', '.join(FIGURE_RUNS)} ({preset} preset, {cfg.iters} iterations) "
+               f"-> {runs / preset}/; finished runs reused: {len(jobs) - len(todo)}")  # fmt: skip
+    if todo:
+        print(f"    follow a run with: tail -f {runs / preset}/<method>/log.txt", flush=True)
+        run_jobs(jobs, data, preset=preset, n_procs=min(2, os.cpu_count() or 1))
+        failed = [j.name for j in jobs if not j.done()]
+        if failed:
+            raise SystemExit(f"reproduce: run(s) {failed} failed; see their log.txt, then rerun")
+    print(f"    done in {time.time() - t0:.0f}s", flush=True)
 
     env = dict(
         os.environ,

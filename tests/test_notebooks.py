@@ -8,6 +8,7 @@ carry its outputs, so a stripped notebook cannot pass silently once executed one
 """
 
 import base64
+import dataclasses
 import io
 import json
 import os
@@ -284,3 +285,31 @@ def test_reproduce_executes_the_notebooks_in_place_with_the_full_run_environment
     env = calls[0][1]
     assert "CONFETI_SMOKE" not in env and env["CONFETI_RUNS"] == str((runs / "toy").resolve())
     assert env["CONFETI_FIGURES"] == str((tmp_path / "figures").resolve())
+
+
+def test_reproduce_refuses_a_finished_run_of_another_config(tmp_path):
+    from confeti import reproduce
+    from confeti.config import toy
+
+    data, runs = tmp_path / "data", tmp_path / "runs"
+    data.mkdir()
+    (data / "toystreets.json").write_text("{}")
+    old = dataclasses.replace(toy(), iters=toy().iters + 1)
+    out = runs / "toy" / "confeti"
+    out.mkdir(parents=True)
+    (out / "config.json").write_text(json.dumps({"method": "confeti", "config": old.to_dict()}))
+    (out / "eval.json").write_text(json.dumps({"miou": 1.0}))
+    with pytest.raises(SystemExit, match=r"confeti holds a run of another config \(iters"):
+        reproduce.reproduce(data, runs, tmp_path / "figures", notebooks_dir=tmp_path / "nb")
+
+
+def test_reproduce_trains_the_figure_runs_in_parallel_sharing_phase_0(toy, tmp_path, monkeypatch):
+    from confeti import figures, reproduce
+
+    monkeypatch.setattr(figures, "write_figures", lambda *a, **kw: None)
+    runs = tmp_path / "runs"
+    reproduce.reproduce(toy, runs, tmp_path / "figures", preset="smoke", notebooks_dir=tmp_path)
+    for m in reproduce.FIGURE_RUNS:
+        assert json.loads((runs / "smoke" / m / "eval.json").read_text())["miou"] >= 0
+    # style and confeti ran phase 0 once: one cache entry for the two runs with G
+    assert len(list((runs / "smoke" / "cut_cache").glob("*.pt"))) == 1
