@@ -757,3 +757,36 @@ def plot_convergence(table: dict[str, dict[int, float]], chosen: int | None = No
         ax.legend(loc="center left", bbox_to_anchor=(1.08, 0.5), frameon=False)
         fig.tight_layout()
     return fig
+
+
+# ---- notebook 04: watching a run ----------------------------------------------------------------
+def plot_run_curves(metrics: dict[str, list[dict]], pretrain_iters: int = 0, keys=None) -> Figure:
+    """``plot_training_curves`` for reading or watching a run: the CUT pre-training (phase 0,
+    iterations 0 to ``pretrain_iters``, where only G, D and F train) shaded on every panel, and
+    the rows of the periodic evaluation (phase "eval" of metrics.jsonl) as a last panel, "val
+    mIoU", when there are any.
+
+    ``metrics``: run name -> rows of metrics.jsonl. The x-axis is the run's iteration counter,
+    phase 0 included (a run without phase 0, such as source-only, starts training at 0).
+    """
+    default = ["seg_src", "seg_mix", "pc_src", "pc_mix", "psc", "loss_G", "loss_D", "pseudo_q"]
+    keys = list(keys or default)
+    runs = {}
+    for name, rows in metrics.items():
+        evals = [
+            {"iter": r["iter"], "val mIoU": r["miou"]} for r in rows if r.get("phase") == "eval"
+        ]
+        runs[name] = [r for r in rows if r.get("phase") != "eval"] + evals
+    if any("val mIoU" in r for rows in runs.values() for r in rows):
+        keys.append("val mIoU")
+    fig = plot_training_curves(runs, keys)
+    panels = [ax for ax in fig.axes if ax.get_title()]
+    for ax in panels:
+        if ax.get_title() == "val mIoU":
+            for line in ax.get_lines():
+                line.set_marker("o")
+        if pretrain_iters > 0:
+            ax.axvspan(0, pretrain_iters, color="0.88", zorder=0, label="CUT pre-training")
+    if panels:
+        panels[0].legend(fontsize=7)
+    return fig

@@ -134,3 +134,26 @@ def test_each_phase_writes_what_the_next_reads():
     assert all(p.grad is None for p in state.student.parameters())  # L_psc reached G only
     train.phase_source_branch(state, ctx)
     assert all(p.grad is not None for p in state.student.seg.head.parameters())
+
+
+def test_run_curves_mark_the_pre_training_and_plot_the_eval_rows():
+    """Notebook 04's figure of a run (plots.plot_run_curves): phase 0 shaded on every panel,
+    the eval rows of metrics.jsonl as a "val mIoU" panel, only when there are eval rows."""
+    from matplotlib.figure import Figure
+
+    from confeti.plots import plot_run_curves
+
+    rows = [{"iter": i, "phase": "style_pretrain", "loss_G": 1.0 / i} for i in (2, 4)]
+    rows += [{"iter": i, "phase": "train", "loss_G": 0.2, "seg_src": 1.0 / i} for i in (6, 8)]
+    rows += [{"iter": 8, "phase": "eval", "miou": 12.5}]
+    fig = plot_run_curves({"run": rows}, pretrain_iters=4)
+    assert isinstance(fig, Figure)
+    panels = {ax.get_title(): ax for ax in fig.axes if ax.get_title()}
+    assert set(panels) == {"seg_src", "loss_G", "val mIoU"}
+    assert all(len(ax.patches) == 1 for ax in panels.values())  # the shaded span
+    (line,) = panels["val mIoU"].get_lines()
+    assert list(line.get_xdata()) == [8] and list(line.get_ydata()) == [12.5]
+    plain = plot_run_curves({"run": rows[:-1]})
+    titled = [ax for ax in plain.axes if ax.get_title()]
+    assert "val mIoU" not in {ax.get_title() for ax in titled}
+    assert all(len(ax.patches) == 0 for ax in titled)
