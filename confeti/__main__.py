@@ -16,6 +16,7 @@ import typing
 from pathlib import Path
 
 from .config import METHODS, PRESETS, Config, field_names, get_preset, scale_schedule
+from .toystreets import GAP_KNOBS
 
 
 def _parse_value(name: str, raw: str):
@@ -106,6 +107,7 @@ def _cmd_data(a) -> None:
         seed=a.seed,
         appearance_gap=a.appearance_gap,
         content_gap=a.content_gap,
+        **{k: getattr(a, k) for k in GAP_KNOBS if getattr(a, k) is not None},
     )
     print(json.dumps(summary, indent=2, default=str))
 
@@ -291,6 +293,10 @@ def main(argv=None) -> None:
     p.add_argument("--width", type=int, default=256)
     p.add_argument("--appearance-gap", type=float, default=1.0)
     p.add_argument("--content-gap", type=float, default=1.0)
+    for k in GAP_KNOBS:  # the gap's parts (toystreets.gap_knobs)
+        p.add_argument(f"--{k.replace('_', '-')}", dest=k, type=float, default=None,
+                       help=f"ToyStreets part of the gap, in [0, 1] (default "
+                       f"{0 if k == 'within_class' else 1})")  # fmt: skip
     p.set_defaults(fn=_cmd_data)
 
     p = sub.add_parser("train", help="train one method")

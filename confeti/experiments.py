@@ -209,13 +209,15 @@ GAP_METHODS = ("source_only", "oracle", "fda", "style", "selftrain", "confeti")
 
 
 def parse_variant(spec: str) -> tuple[str, dict]:
-    """``"name:knob=value,knob=value"`` -> (name, {knob: value}); knobs of ``write_toystreets``."""
+    """``"name:knob=value,knob=value"`` -> (name, {knob: value}); arguments of
+    ``write_toystreets``, the gap's parts (``toystreets.gap_knobs``) included."""
     import inspect
 
-    from .toystreets import write_toystreets
+    from .toystreets import GAP_KNOBS, write_toystreets
 
     name, _, body = spec.partition(":")
-    allowed = set(inspect.signature(write_toystreets).parameters) - {"out", "progress", "workers"}
+    params = set(inspect.signature(write_toystreets).parameters)
+    allowed = (params | set(GAP_KNOBS)) - {"out", "progress", "workers", "knobs"}
     knobs = {}
     for item in filter(None, body.split(",")):
         k, eq, v = item.partition("=")

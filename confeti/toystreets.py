@@ -105,28 +105,95 @@ def _lerp(a, b, t):
     return a + (b - a) * t
 
 
-def domain_params(domain: str, appearance_gap: float = 1.0, content_gap: float = 1.0) -> dict:
-    """All knobs of one domain; the "city" values move from the game's (gap 0) to its own (1)."""
+# The gap's parts, each a knob in [0, 1] that scales its share of the full gap (1 = the default
+# benchmark, 0 = the city takes the game's values for that part).
+APPEARANCE_PARTS = {
+    "colour": ("sat", "contrast", "gamma", "cast"),  # + per-class materials, car paints, clothes
+    "texture": (),  # per-class fine grain and blotchy noise (tex_fine, tex_blob)
+    "lighting": ("shadow", "sun"),
+    "sensor": ("noise", "blur", "vignette"),
+}
+CONTENT_PARTS = {
+    "layout": ("horizon", "cam_h", "focal", "road_w", "sidewalk_w", "building_h", "hood"),
+    "frequency": (
+        "n_cars",
+        "n_trucks",
+        "n_buses",
+        "p_train",
+        "n_persons",
+        "n_riders",
+        "p_moto",
+        "n_bikes",
+        "n_poles",
+        "n_trees",
+        "p_terrain",
+        "p_wall",
+        "p_fence",
+    ),  # fmt: skip
+    "scale": ("car_scale",),
+}
+GAP_KNOBS = (*(f"{k}_gap" for k in (*APPEARANCE_PARTS, *CONTENT_PARTS)), "within_class")
+
+
+def gap_knobs(**knobs) -> dict:
+    """The knobs of the gap's parts, defaults filled in and checked: ``colour_gap``,
+    ``texture_gap``, ``lighting_gap``, ``sensor_gap`` (appearance), ``layout_gap``,
+    ``frequency_gap``, ``scale_gap`` (content), each in [0, 1] (default 1), and ``within_class``
+    in [0, 1] (default 0): the city's objects of one class get colours that differ by up to
+    that fraction per channel, so colour stops being a class label that a generator can map
+    back one to one."""
+    bad = set(knobs) - set(GAP_KNOBS)
+    if bad:
+        raise ValueError(f"unknown ToyStreets knob(s) {sorted(bad)}; expected among {GAP_KNOBS}")
+    out = {k: 0.0 if k == "within_class" else 1.0 for k in GAP_KNOBS}
+    out.update({k: float(v) for k, v in knobs.items()})
+    for k, v in out.items():
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"ToyStreets knob {k}={v} must lie in [0, 1]")
+    return out
+
+
+def domain_params(domain: str, appearance_gap: float = 1.0, content_gap: float = 1.0,
+                  **knobs) -> dict:  # fmt: skip
+    """All knobs of one domain; the "city" values move from the game's (gap 0) to its own (1).
+
+    ``appearance_gap`` and ``content_gap`` scale the whole of each gap; ``knobs`` (see
+    ``gap_knobs``) scale its parts on top: a part's city value is
+    lerp(game, city, strength x gap x part)."""
     if domain not in DOMAINS:
         raise ValueError(f"domain must be one of {DOMAINS}, got {domain!r}")
     if not (0.0 <= appearance_gap <= 1.0 and 0.0 <= content_gap <= 1.0):
         raise ValueError("appearance_gap and content_gap must lie in [0, 1]")
-    a = 0.0 if domain == "game" else APPEARANCE_STRENGTH * float(appearance_gap)
-    c = 0.0 if domain == "game" else float(content_gap)
-    mat = {k: _lerp(np.array(g, float), np.array(t, float), a) for k, (g, t) in _MATERIALS.items()}
+    g = gap_knobs(**knobs)
+    city = domain == "city"
+    a = APPEARANCE_STRENGTH * float(appearance_gap) if city else 0.0
+    c = float(content_gap) if city else 0.0
+    a_part = {k: a * g[f"{k}_gap"] for k in APPEARANCE_PARTS}
+    c_part = {k: c * g[f"{k}_gap"] for k in CONTENT_PARTS}
+    part_of = {key: part for part, keys in (*APPEARANCE_PARTS.items(), *CONTENT_PARTS.items())
+               for key in keys}  # fmt: skip
+    ac = a_part["colour"]
+    mat = {k: _lerp(np.array(gm, float), np.array(t, float), ac) for k, (gm, t) in _MATERIALS.items()}  # fmt: skip
     look = {
-        k: _lerp(np.asarray(_LOOK["game"][k], float), np.asarray(_LOOK["city"][k], float), a)
+        k: _lerp(
+            np.asarray(_LOOK["game"][k], float),
+            np.asarray(_LOOK["city"][k], float),
+            a_part[part_of[k]],
+        )  # fmt: skip
         for k in _LOOK["game"]
     }
-    content = {k: _lerp(_CONTENT["game"][k], _CONTENT["city"][k], c) for k in _CONTENT["game"]}
+    content = {k: _lerp(_CONTENT["game"][k], _CONTENT["city"][k], c_part[part_of[k]])
+               for k in _CONTENT["game"]}  # fmt: skip
+    at = a_part["texture"]
     return dict(
         materials=mat,
-        cars=_lerp(_CAR_PAINTS["game"], _CAR_PAINTS["city"], a).astype(float),
-        clothes=_lerp(_CLOTHES["game"], _CLOTHES["city"], a).astype(float),
-        tex_fine=_lerp(_TEX_FINE["game"], _TEX_FINE["city"], a),
-        tex_blob=_lerp(_TEX_BLOB["game"], _TEX_BLOB["city"], a),
+        cars=_lerp(_CAR_PAINTS["game"], _CAR_PAINTS["city"], ac).astype(float),
+        clothes=_lerp(_CLOTHES["game"], _CLOTHES["city"], ac).astype(float),
+        tex_fine=_lerp(_TEX_FINE["game"], _TEX_FINE["city"], at),
+        tex_blob=_lerp(_TEX_BLOB["game"], _TEX_BLOB["city"], at),
         look=look,
         content=content,
+        hue=g["within_class"] * float(appearance_gap) if city else 0.0,
     )
 
 
@@ -209,8 +276,14 @@ class _Camera:
         return self.y_h + self.f * (self.cam_h - hgt) / z  # y = y_h + f (cam_h - h) / z
 
 
-def _jit(rng, color, amount=0.12):
-    return np.clip(np.asarray(color, float) * rng.uniform(1 - amount, 1 + amount), 0, 255)
+def _jit(rng, p, color, amount=0.12):
+    """``color`` x a random brightness in [1 - amount, 1 + amount]; with ``p["hue"]`` > 0 also
+    each channel x its own factor in [1 - hue, 1 + hue]: objects of one class get different
+    colours (within-class variation). No extra random draw when hue is 0."""
+    c = np.asarray(color, float) * rng.uniform(1 - amount, 1 + amount)
+    if p["hue"] > 0:
+        c = c * rng.uniform(1 - p["hue"], 1 + p["hue"], 3)
+    return np.clip(c, 0, 255)
 
 
 def _facade(cv, cam, side, X, z1, z2, h, cls, color, rng, pattern=None, alt=None):
@@ -240,7 +313,7 @@ def _facade(cv, cam, side, X, z1, z2, h, cls, color, rng, pattern=None, alt=None
 def _person(cv, cam, X, z, cls, p, rng, seated_h=0.0, height=1.75):
     """Frontal person: legs, torso, arms, head. ``seated_h`` lifts a rider onto a saddle."""
     m, s = p["materials"], cam.f / z
-    cloth, legs = p["clothes"][rng.integers(len(p["clothes"]))], _jit(rng, (50, 50, 70))
+    cloth, legs = p["clothes"][rng.integers(len(p["clothes"]))], _jit(rng, p, (50, 50, 70))
     hgt = height * rng.uniform(0.9, 1.1)
     cx, yg = cam.x(X, z), cam.y(seated_h, z)
     if seated_h == 0:
@@ -249,7 +322,7 @@ def _person(cv, cam, X, z, cls, p, rng, seated_h=0.0, height=1.75):
     cv.rect(cx - 0.2 * s, yg - 0.82 * hgt * s, cx + 0.2 * s, yg - 0.48 * hgt * s, cls, cloth)
     for dx in (-0.26, 0.26):
         cv.rect(cx + (dx - 0.05) * s, yg - 0.8 * hgt * s, cx + (dx + 0.05) * s, yg - 0.5 * hgt * s, cls, cloth)  # fmt: skip
-    cv.ellipse(cx, yg - 0.91 * hgt * s, 0.11 * s, 0.13 * s, cls, _jit(rng, m["skin"]))
+    cv.ellipse(cx, yg - 0.91 * hgt * s, 0.11 * s, 0.13 * s, cls, _jit(rng, p, m["skin"]))
 
 
 def _two_wheeler(cv, cam, X, z, cls, p, rng):
@@ -262,7 +335,7 @@ def _two_wheeler(cv, cam, X, z, cls, p, rng):
             cv.ellipse(cx + dx * s, yg - r, r, r, cls, m["tyre"], inner=0.75)
         else:
             cv.ellipse(cx + dx * s, yg - r, r, r, cls, m["tyre"])
-    color = _jit(rng, m["bike" if cls == BIKE else "moto"])
+    color = _jit(rng, p, m["bike" if cls == BIKE else "moto"])
     if cls == BIKE:
         a, b, c = (cx - 0.55 * s, yg - r), (cx + 0.05 * s, yg - r), (cx - 0.1 * s, yg - 0.85 * s)
         cv.poly([a, b, c], cls, color)
@@ -276,9 +349,9 @@ def _vehicle(cv, cam, X, z, cls, p, rng, side_view=False, length=None):
     """Car, truck, bus or train from behind (``side_view=False``) or from the side."""
     m, s, sc = p["materials"], cam.f / z, p["content"]["car_scale"]
     if cls == CAR:
-        paint = _jit(rng, p["cars"][rng.integers(len(p["cars"]))])
+        paint = _jit(rng, p, p["cars"][rng.integers(len(p["cars"]))])
     else:
-        paint = _jit(rng, m[{TRUCK: "truck", BUS: "bus", TRAIN: "train"}[cls]])
+        paint = _jit(rng, p, m[{TRUCK: "truck", BUS: "bus", TRAIN: "train"}[cls]])
     wdt = {CAR: 1.8, TRUCK: 2.5, BUS: 2.55, TRAIN: 3.0}[cls] * sc
     hgt = {CAR: 1.5, TRUCK: 3.6, BUS: 3.2, TRAIN: 4.0}[cls] * sc
     length = length or {CAR: 4.3, TRUCK: 8.0, BUS: 11.0, TRAIN: 40.0}[cls] * sc
@@ -363,9 +436,9 @@ def _draw_layout(cv, cam, p, rng):
             if rng.random() < 0.85:
                 hb = c["building_h"] * rng.uniform(0.5, 1.6)
                 _facade(cv, cam, s, xb + rng.uniform(0, 1.5), z0, z0 + length, hb, BUILDING,
-                        _jit(rng, m["building"], 0.2), rng, "windows", _jit(rng, m["window"]))  # fmt: skip
+                        _jit(rng, p, m["building"], 0.2), rng, "windows", _jit(rng, p, m["window"]))  # fmt: skip
             elif rng.random() < 0.7:  # a park: a row of big trees instead of a building
-                _facade(cv, cam, s, xb, z0, z0 + length, rng.uniform(5, 10), VEG, _jit(rng, m["veg"]), rng)  # fmt: skip
+                _facade(cv, cam, s, xb, z0, z0 + length, rng.uniform(5, 10), VEG, _jit(rng, p, m["veg"]), rng)  # fmt: skip
             z0 += length + rng.uniform(0, 6) * (rng.random() < 0.3)
         xw = road_half + sw + 0.5 * ter_w[s]
         z0 = rng.uniform(3.0, 20.0)
@@ -375,7 +448,7 @@ def _draw_layout(cv, cam, p, rng):
                 hw = {WALL: rng.uniform(1.0, 2.5), FENCE: rng.uniform(1.0, 2.0), VEG: 1.2}[kind]
                 name = {WALL: "wall", FENCE: "fence", VEG: "veg"}[kind]
                 pat = "lattice" if kind == FENCE else None
-                _facade(cv, cam, s, xw, z0, z1, hw, kind, _jit(rng, m[name]), rng, pat)
+                _facade(cv, cam, s, xw, z0, z1, hw, kind, _jit(rng, p, m[name]), rng, pat)
                 z0 = z1 + rng.uniform(0, 10)
     return road_half, sw, ter_w
 
@@ -411,16 +484,16 @@ def _draw_objects(cv, cam, p, rng, road_half, sw, ter_w):
         if kind == "pole":
             top = rng.uniform(4.0, 7.0)
             px, py = cam.x(X, z), cam.y(0, z)
-            cv.rect(px - 0.08 * s, py - top * s, px + 0.08 * s, py, POLE, _jit(rng, m["pole"]))
+            cv.rect(px - 0.08 * s, py - top * s, px + 0.08 * s, py, POLE, _jit(rng, p, m["pole"]))
             u = rng.random()
             if u < 0.45:  # traffic light: a box with three lamps, hanging towards the road
                 lx = px - np.sign(X) * 0.3 * s
-                cv.rect(lx - 0.2 * s, py - top * s, lx + 0.2 * s, py - (top - 1.0) * s, LIGHT, _jit(rng, m["light"]))  # fmt: skip
+                cv.rect(lx - 0.2 * s, py - top * s, lx + 0.2 * s, py - (top - 1.0) * s, LIGHT, _jit(rng, p, m["light"]))  # fmt: skip
                 for k, lamp in enumerate(((230, 30, 30), (240, 200, 0), (30, 220, 60))):
                     cv.ellipse(lx, py - (top - 0.17 - 0.32 * k) * s, 0.1 * s, 0.1 * s, LIGHT, lamp)
             elif u < 0.9:  # traffic sign: a disc, a triangle or a plate at 2.5 m
                 sy, r = py - 2.6 * s, 0.35 * s
-                col = _jit(rng, m["sign"])
+                col = _jit(rng, p, m["sign"])
                 v = rng.random()
                 if v < 0.4:
                     cv.ellipse(px, sy, r, r, SIGN, col)
@@ -431,10 +504,12 @@ def _draw_objects(cv, cam, p, rng, road_half, sw, ter_w):
         elif kind == "tree":
             th = rng.uniform(2.0, 3.5)
             px, py = cam.x(X, z), cam.y(0, z)
-            cv.rect(px - 0.15 * s, py - th * s, px + 0.15 * s, py, VEG, _jit(rng, m["veg"]) * 0.55)
+            cv.rect(
+                px - 0.15 * s, py - th * s, px + 0.15 * s, py, VEG, _jit(rng, p, m["veg"]) * 0.55
+            )
             for _ in range(rng.integers(2, 4)):
                 r = rng.uniform(1.3, 2.4) * s
-                cv.ellipse(px + rng.uniform(-0.8, 0.8) * s, py - (th + 0.8) * s - rng.uniform(0, 1) * s, r, 0.9 * r, VEG, _jit(rng, m["veg"]))  # fmt: skip
+                cv.ellipse(px + rng.uniform(-0.8, 0.8) * s, py - (th + 0.8) * s - rng.uniform(0, 1) * s, r, 0.9 * r, VEG, _jit(rng, p, m["veg"]))  # fmt: skip
         elif kind in (CAR, TRUCK, BUS):
             _vehicle(cv, cam, X, z, kind, p, rng, side_view=rng.random() < 0.25)
         elif kind == TRAIN:  # crossing the street on a level crossing, seen from the side
@@ -449,10 +524,10 @@ def _draw_objects(cv, cam, p, rng, road_half, sw, ter_w):
             vehicle = MOTO if rng.random() < c["p_moto"] else BIKE
             _two_wheeler(cv, cam, X, z, vehicle, p, rng)
             _person(cv, cam, X, z, RIDER, p, rng, seated_h=0.55, height=1.6)
-            cv.rect(cam.x(X - 0.1, z), cam.y(0.95, z), cam.x(X + 0.1, z), cam.y(0.15, z), RIDER, _jit(rng, (50, 50, 70)))  # fmt: skip
+            cv.rect(cam.x(X - 0.1, z), cam.y(0.95, z), cam.x(X + 0.1, z), cam.y(0.15, z), RIDER, _jit(rng, p, (50, 50, 70)))  # fmt: skip
         elif kind == "clutter":
             px, py = cam.x(X, z), cam.y(0, z)
-            cv.rect(px - 0.3 * s, py - 1.0 * s, px + 0.3 * s, py, NONE, _jit(rng, m["clutter"]))
+            cv.rect(px - 0.3 * s, py - 1.0 * s, px + 0.3 * s, py, NONE, _jit(rng, p, m["clutter"]))
 
 
 def _box_blur(img: np.ndarray) -> np.ndarray:
@@ -507,13 +582,15 @@ def render_scene(
     content_gap: float = 1.0,
     height: int = 128,
     width: int = 256,
+    **knobs,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Draw one street scene of ``domain`` ("game" = source, "city" = target).
+    """Draw one street scene of ``domain`` ("game" = source, "city" = target); ``knobs``: the
+    gap's parts (``gap_knobs``).
 
     Shape: -> rgb uint8 (height, width, 3), label ids uint8 (height, width); pixels of no class
     get label id 0 ("unlabeled"); the city's ego-car bonnet gets label id 1 ("ego vehicle").
     """
-    p = domain_params(domain, appearance_gap, content_gap)
+    p = domain_params(domain, appearance_gap, content_gap, **knobs)
     cv = _Canvas(height, width)
     cam = _Camera(height, width, p["content"], rng)
     road_half, sw, ter_w = _draw_layout(cv, cam, p, rng)
@@ -556,9 +633,9 @@ _GTA_PALETTE[LABEL_ID_OF_TRAIN_ID] = PALETTE
 
 def _write_one(job) -> np.ndarray:
     """Render and write one image; returns its label-id histogram (256,)."""
-    out, domain, split, i, seed, a_gap, c_gap, h, w = job
+    out, domain, split, i, seed, a_gap, c_gap, h, w, knobs = job
     rng = np.random.default_rng(scene_seed(seed, domain, split, i))
-    rgb, ids = render_scene(rng, domain, a_gap, c_gap, h, w)
+    rgb, ids = render_scene(rng, domain, a_gap, c_gap, h, w, **knobs)
     img_path, lab_path = _paths(Path(out), domain, split, i)
     Image.fromarray(rgb).save(img_path)
     if domain == "game":
@@ -572,8 +649,11 @@ def _write_one(job) -> np.ndarray:
 
 def write_toystreets(out, n_source=2000, n_target_train=1000, n_target_val=300, height=128,
                      width=256, seed=0, appearance_gap=1.0, content_gap=1.0, progress=True,
-                     workers=None) -> dict:  # fmt: skip
+                     workers=None, **knobs) -> dict:  # fmt: skip
     """Write ToyStreets as ``out/gta5`` (source) and ``out/cityscapes`` (target train/val).
+
+    ``knobs``: the gap's parts (``gap_knobs``: ``colour_gap`` ... ``within_class``), recorded in
+    the summary with their defaults.
 
     Byte-identical output for the same arguments, whatever the number of ``workers``
     (default: all CPU cores). Returns (and writes to ``out/toystreets.json``) a summary with the
@@ -582,12 +662,13 @@ def write_toystreets(out, n_source=2000, n_target_train=1000, n_target_val=300, 
     from tqdm.auto import tqdm
 
     out = Path(out)
+    knobs = gap_knobs(**knobs)
     counts = {("game", "train"): n_source, ("city", "train"): n_target_train,
               ("city", "val"): n_target_val}  # fmt: skip
     jobs = []
     for (domain, split), n in counts.items():
         for i in range(n):
-            jobs.append((str(out), domain, split, i, seed, appearance_gap, content_gap, height, width))  # fmt: skip
+            jobs.append((str(out), domain, split, i, seed, appearance_gap, content_gap, height, width, knobs))  # fmt: skip
         for p in _paths(out, domain, split, 0):
             p.parent.mkdir(parents=True, exist_ok=True)
     workers = workers or os.cpu_count() or 1
@@ -606,7 +687,7 @@ def write_toystreets(out, n_source=2000, n_target_train=1000, n_target_val=300, 
     bar.close()
     summary = dict(
         seed=seed, height=height, width=width, appearance_gap=appearance_gap,
-        content_gap=content_gap, n_source=n_source, n_target_train=n_target_train,
+        content_gap=content_gap, **knobs, n_source=n_source, n_target_train=n_target_train,
         n_target_val=n_target_val, label_id_pixels={},
     )  # fmt: skip
     k = 0
@@ -649,12 +730,14 @@ def class_colour_stats(images, label_ids) -> np.ndarray:
         return sums / n[:, None]
 
 
-def sample_scenes(domain, n, seed=0, appearance_gap=1.0, content_gap=1.0, height=64, width=128):
-    """Render ``n`` scenes in memory. Shape: -> images (n, H, W, 3) uint8, label ids (n, H, W)."""
+def sample_scenes(domain, n, seed=0, appearance_gap=1.0, content_gap=1.0, height=64, width=128,
+                  **knobs):  # fmt: skip
+    """Render ``n`` scenes in memory (``knobs``: ``gap_knobs``).
+    Shape: -> images (n, H, W, 3) uint8, label ids (n, H, W)."""
     imgs, labs = [], []
     for i in range(n):
         rng = np.random.default_rng(scene_seed(seed, domain, "train", i))
-        rgb, ids = render_scene(rng, domain, appearance_gap, content_gap, height, width)
+        rgb, ids = render_scene(rng, domain, appearance_gap, content_gap, height, width, **knobs)
         imgs.append(rgb)
         labs.append(ids)
     return np.stack(imgs), np.stack(labs)

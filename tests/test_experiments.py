@@ -62,8 +62,9 @@ def test_parse_variant_names_the_bad_knob():
     assert ex.parse_variant("both:") == ("both", {})
     assert ex.parse_variant("x:content_gap=0.5,n_source=8") == (
         "x", {"content_gap": 0.5, "n_source": 8})  # fmt: skip
-    with pytest.raises(SystemExit, match="colour_gap"):
-        ex.parse_variant("x:colour_gap=1")
+    assert ex.parse_variant("x:within_class=0.5") == ("x", {"within_class": 0.5})  # a gap part
+    with pytest.raises(SystemExit, match="color_gap"):
+        ex.parse_variant("x:color_gap=1")
     with pytest.raises(SystemExit, match="needs a name"):
         ex.parse_variant(":content_gap=0")
 

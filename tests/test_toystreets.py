@@ -79,3 +79,61 @@ def test_domains_differ_and_knobs_remove_the_gap():
     f_s, f_t = class_frequencies(src[1]), class_frequencies(tgt[1])
     assert np.abs(f_s - f_t).sum() < 0.15
     assert len(f_s) == NUM_CLASSES
+
+
+# ---- the gap's parts (the knobs the benchmark's calibration turns) ------------------------------
+def test_gap_knobs_name_the_bad_knob_and_range():
+    from confeti.toystreets import gap_knobs
+
+    assert gap_knobs()["colour_gap"] == 1.0 and gap_knobs()["within_class"] == 0.0
+    with pytest.raises(ValueError, match="colour_gaps"):
+        gap_knobs(colour_gaps=0.5)
+    with pytest.raises(ValueError, match=r"texture_gap=1.5 must lie in \[0, 1\]"):
+        gap_knobs(texture_gap=1.5)
+
+
+def test_each_part_of_the_gap_moves_only_its_own_values():
+    from confeti.toystreets import domain_params
+
+    game, city = domain_params("game"), domain_params("city")
+    no_colour = domain_params("city", colour_gap=0.0)
+    assert np.allclose(no_colour["materials"]["sky"], game["materials"]["sky"])
+    assert np.allclose(no_colour["look"]["sat"], game["look"]["sat"])
+    assert np.allclose(no_colour["look"]["noise"], city["look"]["noise"])  # the sensor stays
+    assert np.allclose(no_colour["tex_fine"], city["tex_fine"])  # and the texture
+    no_tex = domain_params("city", texture_gap=0.0)
+    assert np.allclose(no_tex["tex_fine"], game["tex_fine"])
+    assert np.allclose(no_tex["materials"]["sky"], city["materials"]["sky"])
+    no_sensor = domain_params("city", sensor_gap=0.0)
+    assert no_sensor["look"]["noise"] == 0.0 and no_sensor["look"]["blur"] == 0.0
+    assert no_sensor["look"]["sun"] == city["look"]["sun"]
+    no_freq = domain_params("city", frequency_gap=0.0)
+    assert no_freq["content"]["n_persons"] == game["content"]["n_persons"]
+    assert no_freq["content"]["horizon"] == city["content"]["horizon"]  # the layout stays
+    no_layout = domain_params("city", layout_gap=0.0)
+    assert no_layout["content"]["cam_h"] == game["content"]["cam_h"]
+    assert no_layout["content"]["n_persons"] == city["content"]["n_persons"]
+    assert domain_params("city", within_class=0.5)["hue"] == 0.5
+    assert domain_params("game", within_class=0.5)["hue"] == 0.0  # a city property
+    assert domain_params("city", 0.0, within_class=0.5)["hue"] == 0.0  # no appearance gap at all
+
+
+def test_within_class_variation_gives_objects_of_one_class_different_colours():
+    from confeti.toystreets import BUILDING, class_colour_stats, sample_scenes
+
+    def chroma_spread(within_class):
+        imgs, labs = sample_scenes("city", 8, within_class=within_class)
+        st = np.stack([class_colour_stats(imgs[i : i + 1], labs[i : i + 1]) for i in range(8)])
+        chroma = st[:, BUILDING] / st[:, BUILDING].sum(-1, keepdims=True)  # colour, not brightness
+        return float(chroma.std(axis=0).mean())
+
+    assert chroma_spread(0.5) > 3 * chroma_spread(0.0)
+
+
+def test_write_toystreets_records_the_knobs(tmp_path):
+    from confeti.toystreets import write_toystreets
+
+    s = write_toystreets(tmp_path, n_source=2, n_target_train=2, n_target_val=1, height=32,
+                         width=64, progress=False, workers=1, texture_gap=0.25)  # fmt: skip
+    meta = json.loads((tmp_path / "toystreets.json").read_text())
+    assert meta["texture_gap"] == 0.25 and meta["within_class"] == 0.0 and s["colour_gap"] == 1.0
