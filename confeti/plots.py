@@ -790,3 +790,103 @@ def plot_run_curves(metrics: dict[str, list[dict]], pretrain_iters: int = 0, key
     if panels:
         panels[0].legend(fontsize=7)
     return fig
+
+
+# ---- the course's extra figures (notebooks 02 and 03) ------------------------------------------
+def plot_translation_grid(columns: dict, n: int = 3) -> Figure:
+    """One column per entry (its key as title), one row per image: e.g. source | FDA | CUT | target.
+
+    Shape: every value (B, 3, H, W) ImageNet-normalised; the first ``n`` images of each are shown.
+    """
+    n = min(n, *(len(x) for x in columns.values()))
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(n, len(columns), figsize=(2.6 * len(columns), 1.45 * n + 0.4), squeeze=False)  # fmt: skip
+        for c, (title, x) in enumerate(columns.items()):
+            axes[0, c].set_title(title)
+            for r in range(n):
+                axes[r, c].imshow(to_image(x[r]))
+                axes[r, c].axis("off")
+        fig.tight_layout()
+    return fig
+
+
+def plot_class_colour_compare(stats: dict, reference: str = "target") -> Figure:
+    """Mean colour per class of several image sets (swatch rows, white: absent) and, below, the
+    RGB distance of each set's class colour to the ``reference`` set's (one bar per set).
+
+    stats: {name: (19, 3) RGB in [0, 1], NaN where absent}; ``reference``: one of its keys.
+    """
+    names = list(stats)
+    arrs = np.stack([np.asarray(stats[k], dtype=float) for k in names])  # (S, 19, 3)
+    grid = np.where(np.isnan(arrs), 1.0, np.clip(arrs, 0, 1))
+    ref = np.asarray(stats[reference], dtype=float)
+    others = [k for k in names if k != reference]
+    x, width = np.arange(len(CLASSES)), 0.8 / max(1, len(others))
+    with plt.rc_context(STYLE):
+        fig, (a, b) = plt.subplots(2, 1, figsize=(10, 3.2 + 0.35 * len(names)), sharex=True, gridspec_kw={"height_ratios": [0.35 * len(names), 1.3]})  # fmt: skip
+        a.imshow(grid, aspect="equal", interpolation="nearest")
+        a.set_yticks(range(len(names)), names)
+        a.set_title("mean colour per class")
+        for i, k in enumerate(others):
+            d = np.linalg.norm(np.asarray(stats[k], dtype=float) - ref, axis=1)  # NaN: absent
+            with np.errstate(all="ignore"):
+                label = f"{k} → {reference} (mean {np.nanmean(d):.3f})"
+            b.bar(x - 0.4 + width * (i + 0.5), d, width=width, color=plt.cm.tab10(i), label=label)
+        b.set_xticks(x, CLASSES, rotation=60, ha="right")
+        b.set_ylabel(f"‖mean colour − {reference}'s‖")
+        b.set_title(f"RGB distance to the {reference} colour of each class")
+        b.legend(frameon=False, fontsize=7)
+        fig.tight_layout()
+    return fig
+
+
+def plot_cam_maps(cams, image, classes) -> Figure:
+    """The image and, per class k, its ReLU CAM max(A_k, 0) as a heat-map over the image.
+
+    Each map is divided by its own maximum (given in the title; an all-zero map stays 0).
+    cams: (K, h, w) tensor/array, stretched over the image; image: ImageNet-normalised (3, H, W)
+    tensor or uint8 (H, W, 3); classes: the K train ids (titles).
+    """
+    maps = np.asarray(cams.detach().float().cpu() if isinstance(cams, torch.Tensor) else cams, dtype=float)  # fmt: skip
+    maps = np.maximum(maps, 0.0)  # ReLU(A_k)
+    img = _as_rgb(image)
+    extent = (0, img.shape[1], img.shape[0], 0)
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(1, len(maps) + 1, figsize=(2.6 * (len(maps) + 1), 1.9), squeeze=False)  # fmt: skip
+        axes[0, 0].imshow(img)
+        axes[0, 0].set_title("image")
+        for ax, k, cam in zip(axes[0, 1:], classes, maps):
+            top = float(cam.max())
+            ax.imshow(img, alpha=0.4)
+            im = ax.imshow(cam / top if top > 0 else cam, cmap="magma", vmin=0, vmax=1, extent=extent, alpha=0.8)  # fmt: skip
+            ax.set_title(f"CAM {CLASSES[k]} (max {top:.2f})")
+        for ax in axes[0]:
+            ax.axis("off")
+        fig.colorbar(im, ax=axes[0, 1:].tolist(), fraction=0.02, pad=0.01, label="ReLU(A_k) / max")
+    return fig
+
+
+def plot_topk_pixels(image, labels, picked, classes) -> Figure:
+    """Per class k: its pixels tinted in the class colour and, as white dots, the pixels the
+    prototype update keeps (its top-K by CAM weight); the title counts kept / class pixels.
+
+    image: ImageNet-normalised (3, H, W) tensor or uint8 (H, W, 3); labels: (H, W) train ids at
+    the image's resolution; picked: (K, H, W) bool, True where kept; classes: the K train ids.
+    """
+    img = _as_rgb(image)
+    lab = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels)
+    keep = np.asarray(picked.cpu() if isinstance(picked, torch.Tensor) else picked, dtype=bool)
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(1, len(classes), figsize=(2.6 * len(classes), 1.9), squeeze=False)  # fmt: skip
+        for ax, k, sel in zip(axes[0], classes, keep):
+            own = lab == k
+            tint = np.zeros((*own.shape, 4))
+            tint[own] = (*class_color(k), 0.6)  # the class's pixels in its palette colour
+            ax.imshow(img, alpha=0.5)
+            ax.imshow(tint)
+            ys, xs = np.nonzero(sel)
+            ax.scatter(xs, ys, s=9, c="white", edgecolors="black", linewidths=0.5)
+            ax.set_title(f"{CLASSES[k]}: {int(sel.sum())} of {int(own.sum())} px")
+            ax.axis("off")
+        fig.tight_layout()
+    return fig
