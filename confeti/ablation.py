@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import METHODS, Config
-from .labels import CLASSES
+from .labels import CLASSES, SHORT_NAMES
 
 # every method of the CLI, the oracle (the upper bound) last
 ABLATION_METHODS = tuple(m for m in METHODS if m != "oracle") + ("oracle",)
@@ -92,7 +92,7 @@ def collect(out: str | Path, methods=ABLATION_METHODS, seeds: int = 3) -> dict:
 
 def markdown_table(res: dict) -> str:
     """mIoU mean ± std per method, then per-class IoU means."""
-    short = [c[:5] for c in CLASSES]
+    short = SHORT_NAMES  # t.light, t.sign, ... (a plain [:5] made two 'traff' columns)
     lines = [
         "| method | mIoU (mean ± std) | seeds | s/run |",
         "|---|---|---|---|",

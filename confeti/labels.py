@@ -25,6 +25,12 @@ PALETTE: np.ndarray = np.array(
     [lab.color for lab in sorted(_CS_LABELS, key=lambda lab: lab.trainId) if 0 <= lab.trainId < 19],
     dtype=np.uint8,
 )  # (19, 3)
+# short names for axes, legends and tables (the full names are cut to "traffic", "traffic" by a
+# plain [:7]); same train-id order as CLASSES
+SHORT_NAMES: tuple[str, ...] = (
+    "road", "sidewalk", "building", "wall", "fence", "pole", "t.light", "t.sign", "veget.",
+    "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "m.bike", "bicycle",
+)  # fmt: skip
 
 # Cityscapes label id (-1 .. 33) -> train id; everything not a train class -> 255.
 _LUT_SIZE = 256

@@ -1,14 +1,19 @@
-"""The t-SNE sampler (class budget, determinism, alignment scores) and every figure function."""
+"""The t-SNE sampler (class budget, determinism, spaces, alignment scores), every figure
+function (colours, legends, axis labels, class names) and ``confeti.figures`` on finished runs."""
 
+import json
+
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
+from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
 
 from confeti import plots
 from confeti.config import smoke
 from confeti.embeddings import Embeddings, alignment, centroids, run_tsne, sample_embeddings
-from confeti.labels import CLASSES
+from confeti.labels import CLASSES, SHORT_NAMES
 from confeti.train import TrainState
 
 
@@ -62,7 +67,7 @@ def test_alignment_scores_on_hand_made_embeddings():
 
 
 def test_tsne_places_pixels_and_seen_prototypes(state):
-    e = sample_embeddings(state, _domains(), per_class=8, seed=0)
+    e = sample_embeddings(state, _domains(), per_class=8, seed=0, space="projection")
     xy, pxy = run_tsne(e, perplexity=5, seed=0)
     assert xy.shape == (len(e.emb), 2) and pxy.shape == (19, 2)
     seen = np.linalg.norm(e.protos, axis=1) > 0
@@ -102,3 +107,186 @@ def test_figure_functions_return_figures_with_the_expected_axes(state):
     train_step(state, synthetic_batch(smoke(), torch.device("cpu")), 20, debug=d)
     assert isinstance(plots.plot_train_step(d), Figure)
     assert isinstance(plots.plot_stylization_grid(x, x, x, n=2), Figure)
+
+
+# ---- spaces and scores ---------------------------------------------------------------------
+def test_spaces_backbone_by_default_projection_with_prototypes(state):
+    back = sample_embeddings(state, _domains(), per_class=5, seed=0)
+    proj = sample_embeddings(state, _domains(), per_class=5, seed=0, space="projection")
+    assert back.space == "backbone" and proj.space == "projection"
+    assert back.emb.shape[1] == state.student.seg.feat_channels
+    assert proj.emb.shape[1] == smoke().proto_dim
+    assert back.protos.shape == (0, back.emb.shape[1])  # no prototypes in the backbone space
+    assert proj.protos.shape == (19, smoke().proto_dim)
+    assert np.allclose(np.linalg.norm(back.emb, axis=1), 1, atol=1e-5)
+    assert np.array_equal(back.labels, proj.labels)  # the same pixels in both spaces
+    xy, pxy = run_tsne(back, perplexity=5, seed=0)
+    assert xy.shape == (len(back.emb), 2) and pxy.shape == (0, 2)
+    with pytest.raises(ValueError, match="space"):
+        sample_embeddings(state, _domains(), per_class=5, space="logits")
+
+
+def test_margin_and_the_fully_mixed_reference():
+    a = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    lab, dom = np.array([0, 0, 1, 1] * 2), np.array(["source"] * 4 + ["target"] * 4)
+    same = alignment(Embeddings(np.concatenate([a, a]), lab, dom, np.eye(19, 2)), k=1)
+    assert same["per_class_margin"][0] == pytest.approx(1.0)  # own 1, nearest other 0
+    swapped = alignment(Embeddings(np.concatenate([a, a[:, ::-1]]), lab, dom, np.eye(19, 2)), k=1)
+    assert swapped["mean_margin"] == pytest.approx(-1.0)  # nearer the other class
+    # 2 source + 2 target pixels per class: a domain-blind neighbour is a source one 2/3 of the time
+    assert same["knn_mixing_chance"] == pytest.approx(2 / 3)
+    # two separate islands per class: the neighbour of a target pixel is always a target pixel
+    apart = np.concatenate([a + [0.0, 0.01], a * [1.0, -1.0] + [0.0, -0.01]])
+    apart /= np.linalg.norm(apart, axis=1, keepdims=True)
+    cut = alignment(Embeddings(apart, lab, dom, np.eye(19, 2)), k=1)
+    assert cut["knn_mixing"] == pytest.approx(0.0)
+
+
+def test_short_names_fit_and_are_used_in_the_ablation_table():
+    from confeti.ablation import markdown_table
+
+    assert len(SHORT_NAMES) == len(CLASSES) == 19 and len(set(SHORT_NAMES)) == 19
+    assert max(map(len, SHORT_NAMES)) <= 8
+    res = {"confeti": {"miou_mean": 1.0, "miou_std": 0.0, "seeds": 1, "seconds_mean": 1.0,
+                       "iou_mean": {c: 1.0 for c in CLASSES}}}  # fmt: skip
+    header = [ln for ln in markdown_table(res).splitlines() if ln.startswith("| method | road")]
+    assert header == ["| method | " + " | ".join(SHORT_NAMES) + " |"]
+
+
+# ---- figure functions: what they promise -----------------------------------------------------
+def _legend_labels(legend):
+    return [t.get_text() for t in legend.get_texts()]
+
+
+def test_training_curves_one_colour_per_method_and_one_legend():
+    runs = {
+        "source_only": [{"iter": i, "seg_src": 1.0, "phase": "train"} for i in range(5)],
+        "confeti": [{"iter": i, "seg_src": 2.0, "psc": 0.1, "pseudo_q": 0.5} for i in range(5)],
+        "my run": [{"iter": i, "seg_src": 3.0, "psc": 0.2} for i in range(5)],
+    }
+    fig = plots.plot_training_curves(runs)
+    drawn = [ax for ax in fig.axes if ax.lines]
+    assert [ax.get_title() for ax in drawn] == ["seg_src", "psc", "pseudo_q"]
+    colors = plots.method_colors(runs)
+    assert colors["source_only"] == plots.METHOD_COLORS["source_only"]
+    assert colors["confeti"] == plots.METHOD_COLORS["confeti"]
+    assert colors["my run"] not in plots.METHOD_COLORS.values()
+    for ax in drawn:  # the same run has the same colour in every panel (no colour-cycle restart)
+        assert ax.get_ylabel()
+        for line in ax.lines:
+            assert to_hex(line.get_color()) == colors[line.get_label()]
+        assert ax.get_legend() is None
+    assert len(fig.legends) == 1 and _legend_labels(fig.legends[0]) == list(runs)
+    assert plots.method_colors(["CONFETI", "source-only"]) == {
+        "CONFETI": plots.METHOD_COLORS["confeti"],
+        "source-only": plots.METHOD_COLORS["source_only"],
+    }
+    plt.close(fig)
+
+
+def _ablation_res(methods):
+    return {
+        m: {"miou_mean": 30.0, "miou_std": 1.0, "seeds": 3, "seconds_mean": 10.0,
+            "iou_mean": {c: 30.0 for c in CLASSES}}
+        for m in methods
+    }  # fmt: skip
+
+
+def test_bars_take_the_method_colours_and_the_short_class_names():
+    fig = plots.plot_ablation(_ablation_res(["source_only", "style", "confeti"]))
+    bars = [to_hex(b.get_facecolor()) for b in fig.axes[0].patches]
+    assert bars == [plots.METHOD_COLORS[m] for m in ("source_only", "style", "confeti")]
+    assert [t.get_text() for t in fig.axes[1].get_xticklabels()] == list(SHORT_NAMES)
+    plt.close(fig)
+    fig = plots.plot_per_class_iou({"selftrain": {c: 10.0 for c in CLASSES}, "oracle": {}})
+    ax = fig.axes[0]
+    assert {to_hex(b.get_facecolor()) for b in ax.patches[:19]} == {
+        plots.METHOD_COLORS["selftrain"]
+    }
+    assert [t.get_text() for t in ax.get_xticklabels()] == list(SHORT_NAMES)
+    plt.close(fig)
+    fig = plots.plot_centroid_distance([1.0] * 19, [0.5] * 19, ("source-only", "CONFETI"))
+    ax = fig.axes[0]
+    assert to_hex(ax.patches[0].get_facecolor()) == plots.METHOD_COLORS["source_only"]
+    assert to_hex(ax.patches[19].get_facecolor()) == plots.METHOD_COLORS["confeti"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == list(SHORT_NAMES)
+    plt.close(fig)
+
+
+def test_label_map_figures_carry_a_legend_of_the_classes_present():
+    x = torch.randn(2, 3, 16, 32)
+    y = torch.zeros(2, 16, 32, dtype=torch.long)
+    y[:, :4] = 10  # sky
+    y[:, -2:] = 255  # ignore: no legend entry
+    pred = torch.full((2, 16, 32), 13)  # car
+    fig = plots.plot_qualitative(x, y, {"confeti": pred}, n=2)
+    assert _legend_labels(fig.legends[-1]) == ["road", "sky", "car"]
+    plt.close(fig)
+    fig = plots.plot_domain_samples(x, y, x, pred, n=2)
+    assert _legend_labels(fig.legends[-1]) == ["road", "sky", "car"]
+    plt.close(fig)
+    fig = plots.plot_train_step({"x": x, "ŷ": pred, "w": torch.rand(2, 16, 32)}, suptitle="t = 5")
+    assert _legend_labels(fig.legends[-1]) == ["car"] and fig._suptitle.get_text() == "t = 5"
+    plt.close(fig)
+
+
+def test_tsne_legend_lists_what_is_drawn_and_labels_the_prototypes():
+    g = np.random.default_rng(0)
+    lab = np.array([0, 13] * 10)
+    xy = g.normal(size=(20, 2))
+    no_sty = np.array(["source", "target"] * 10)
+    pxy = np.full((19, 2), np.nan)
+    pxy[13] = (0.0, 0.0)  # one prototype: car
+    fig = plots.plot_tsne({"a": (xy, lab, no_sty, np.zeros((0, 2)))})
+    assert _legend_labels(fig.axes[0].get_legend()) == ["source", "target"]  # no stylized, no ★
+    assert _legend_labels(fig.legends[-1]) == ["road", "car"]  # the class colours
+    assert all(h.get_markersize() >= 6 for h in fig.axes[0].get_legend().legend_handles)
+    plt.close(fig)
+    fig = plots.plot_tsne({"a": (xy, lab, no_sty, np.zeros((0, 2))), "b": (xy, lab, no_sty, pxy)},
+                          {"b": "score line"}, note="what the scores mean")  # fmt: skip
+    assert _legend_labels(fig.axes[0].get_legend()) == ["source", "target", "prototype"]
+    assert [t.get_text() for t in fig.axes[1].texts] == ["car"]  # the star is labelled
+    assert fig.axes[1].get_xlabel() == "score line"
+    assert "what the scores mean" in [t.get_text() for t in fig.texts]
+    markers = {c.get_paths()[0].vertices.shape for c in fig.axes[0].collections}
+    assert len(markers) == 2  # source and target are drawn with different marker shapes
+    plt.close(fig)
+
+
+def test_prototype_alignment_draws_margins_in_distinguishable_styles():
+    hist = {"iter": [0, 10, 20], **{c: [0.1, 0.2, None] for c in CLASSES}}
+    fig = plots.plot_prototype_alignment(hist)
+    ax = fig.axes[0]
+    assert "margin" in ax.get_ylabel() and "margin" in ax.get_title()
+    classes = [ln for ln in ax.lines if ln.get_label() != "mean"]
+    assert [ln.get_label() for ln in classes] == list(SHORT_NAMES)
+    styles = {(to_hex(ln.get_color()), ln.get_linestyle()) for ln in classes}
+    assert len(styles) == 19  # no two classes share colour and line style
+    plt.close(fig)
+
+
+# ---- confeti.figures on finished runs ---------------------------------------------------------
+def test_write_figures_from_finished_runs(toy, tmp_path):
+    from confeti import figures
+    from confeti.runner import train
+
+    cfg = smoke()
+    for m in ("source_only", "confeti"):
+        train(cfg, m, toy, tmp_path / "runs" / m, progress=False)
+    (tmp_path / "runs" / "style").mkdir()  # an unfinished run (no eval.json) is not drawn
+    out = tmp_path / "figures"
+    written = figures.write_figures(tmp_path / "runs", toy, out)
+    expected = {"method.png", "qualitative.png", "per_class_iou.png", "training_curves.png",
+                "stylization.png", "tsne.png", "centroid_distance.png", "train_step.png"}  # fmt: skip
+    assert set(written) == expected
+    assert sorted(p.name for p in out.iterdir()) == sorted(expected | {"alignment_scores.json"})
+    scores = json.loads((out / "alignment_scores.json").read_text())
+    assert set(scores["source_only"]) == {"backbone", "k"}
+    assert set(scores["confeti"]) == {"backbone", "projection", "k"}
+    for key in ("mean_cosine", "mean_margin", "knn_mixing", "knn_mixing_chance"):
+        assert key in scores["confeti"]["backbone"]
+    fig = figures.train_step_figure(tmp_path / "runs" / "confeti", toy)
+    total = cfg.style_pretrain_iters + cfg.iters
+    assert f"{cfg.iters:,} iterations" in fig._suptitle.get_text()  # which state drew it
+    assert f"t = {cfg.iters:,} (iteration {total + 1:,}" in fig._suptitle.get_text()
+    plt.close(fig)
