@@ -1019,7 +1019,7 @@ def plot_topk_pixels(image, labels, picked, classes) -> Figure:
             ax.imshow(img, alpha=0.5)
             ax.imshow(tint)
             ys, xs = np.nonzero(sel)
-            ax.scatter(xs, ys, s=9, c="white", edgecolors="black", linewidths=0.5)
+            ax.scatter(xs, ys, s=6, c="white", edgecolors="black", linewidths=0.5)
             ax.set_title(f"{CLASSES[k]}: {int(sel.sum())} of {int(own.sum())} px")
             ax.axis("off")
         fig.tight_layout()
