@@ -233,7 +233,10 @@ def write_figures(runs, data, out="figures", ablation=None) -> dict:
             xs, _ = _stack(src, 4, seed=2)
             with torch.no_grad():
                 xs2t = styled[0].style.translate(xs)
-            save(plots.plot_stylization_grid(xs, xs2t, x, n=3), "stylization.png")
+            fig = plots.plot_stylization_grid(xs, xs2t, x, n=3)
+            who = "CONFETI" if "confeti" in loaded else "style"
+            fig.suptitle(f"the generator G of the {who} run ({caption})", y=1.02)
+            save(fig, "stylization.png")
         fig, bars, scores = tsne_figures(loaded, data)
         save(fig, "tsne.png")
         save(bars, "centroid_distance.png")

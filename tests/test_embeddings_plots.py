@@ -262,6 +262,9 @@ def test_prototype_alignment_draws_margins_in_distinguishable_styles():
     assert [ln.get_label() for ln in classes] == list(SHORT_NAMES)
     styles = {(to_hex(ln.get_color()), ln.get_linestyle()) for ln in classes}
     assert len(styles) == 19  # no two classes share colour and line style
+    assert sorted(t.get_text() for t in ax.texts) == sorted([*SHORT_NAMES, "mean"])  # end labels
+    ys = sorted(t.get_position()[1] for t in ax.texts)
+    assert min(np.diff(ys)) > 0  # moved apart: equal end values do not print on top of each other
     plt.close(fig)
 
 
