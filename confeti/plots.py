@@ -600,25 +600,28 @@ def plot_prototype_similarity(sim_maps, image, classes=None) -> Figure:
     return fig
 
 
-def _label_line_ends(ax, min_gap: float) -> None:
-    """Each line's label at its last finite point, in its colour, moved apart vertically so that
-    no two labels are closer than ``min_gap`` (data units); thin leader lines where moved."""
+def _label_line_ends(ax) -> None:
+    """Each line's label just right of the axes, at the height of its last finite point, in its
+    colour; labels are moved apart vertically (within the y-range) so none overlap, with a thin
+    leader line to the line's end."""
     ends = []
     for ln in ax.lines:
         x, y = (np.asarray(v, dtype=float) for v in ln.get_data())
         ok = np.flatnonzero(np.isfinite(y))
         if len(ok):
             ends.append((y[ok[-1]], x[ok[-1]], ln))
+    if not ends:
+        return
     ends.sort(key=lambda e: e[0])
+    lo, hi = ax.get_ylim()
+    gap = (hi - lo) * min(0.05, 1.0 / (len(ends) + 1))
     placed = []
-    for y, _, _ in ends:  # bottom to top, each at least min_gap above the one below
-        placed.append(max(y, placed[-1] + min_gap) if placed else y)
-    x0, x1 = ax.get_xlim()
-    x_text = max((x for _, x, _ in ends), default=x0) + 0.03 * (x1 - x0)
+    for y, _, _ in ends:  # bottom-up: at least one gap above the label below
+        placed.append(max(y, placed[-1] + gap) if placed else max(y, lo + gap / 2))
+    for i in reversed(range(len(placed))):  # top-down: stay inside the axes
+        placed[i] = min(placed[i], hi - gap / 2 if i == len(placed) - 1 else placed[i + 1] - gap)
     for (y, x, ln), yl in zip(ends, placed):
-        line = dict(arrowstyle="-", lw=0.4, color=ln.get_color()) if abs(yl - y) > 1e-9 else None
-        ax.annotate(ln.get_label(), (x, y), xytext=(x_text, yl), fontsize=6, color=ln.get_color(), va="center", ha="left", arrowprops=line, annotation_clip=False)  # fmt: skip
-    ax.set_xlim(x0, x1 + 0.14 * (x1 - x0))  # room for the labels
+        ax.annotate(ln.get_label(), (x, y), xytext=(1.03, yl), textcoords=("axes fraction", "data"), fontsize=6.5, color=ln.get_color(), va="center", ha="left", annotation_clip=False, arrowprops=dict(arrowstyle="-", lw=0.4, color=ln.get_color(), shrinkA=1, shrinkB=2))  # fmt: skip
 
 
 def plot_prototype_alignment(history: dict[str, list]) -> Figure:
@@ -653,7 +656,7 @@ def plot_prototype_alignment(history: dict[str, list]) -> Figure:
         if lo < 0:  # shade where the target centroid is nearer another source class
             ax.axhspan(lo, 0, color="#eeeeee", zorder=0)
         ax.set_ylim(lo, hi)
-        _label_line_ends(ax, min_gap=0.045 * (hi - lo))
+        _label_line_ends(ax)
         ax.set(
             xlabel="iteration",
             ylabel="margin: cos(own) − max cos(other)",
