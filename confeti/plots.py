@@ -54,17 +54,19 @@ def class_color(k: int) -> tuple[float, float, float]:
 
 
 def class_legend_handles(label_maps) -> list:
-    """Palette patches, one per train id present in any of ``label_maps`` (ignore left out),
-    labelled with ``SHORT_NAMES``: the legend of a label-map figure."""
+    """Palette patches, one per train id present in any of ``label_maps``, labelled with
+    ``SHORT_NAMES``, then black "ignore" if a map has ignored pixels (255, drawn black by
+    ``colorize``): the legend of a label-map figure."""
     from matplotlib.patches import Patch
 
     present = set()
     for m in label_maps:
         arr = m.detach().cpu().numpy() if isinstance(m, torch.Tensor) else np.asarray(m)
-        present.update(int(v) for v in np.unique(arr) if 0 <= v < len(CLASSES))
-    return [
-        Patch(fc=class_color(k), ec="black", lw=0.4, label=SHORT_NAMES[k]) for k in sorted(present)
-    ]
+        present.update(int(v) for v in np.unique(arr) if 0 <= v < len(CLASSES) or v == 255)
+    out = [Patch(fc=class_color(k), ec="black", lw=0.4, label=SHORT_NAMES[k]) for k in sorted(present - {255})]  # fmt: skip
+    if 255 in present:
+        out.append(Patch(fc="black", ec="black", lw=0.4, label="ignore"))
+    return out
 
 
 def add_class_legend(fig: Figure, label_maps, ncol: int | None = None, y: float = 0.0) -> None:
@@ -875,11 +877,20 @@ def plot_convergence(table: dict[str, dict[int, float]], chosen: int | None = No
     """
     with plt.rc_context(STYLE):
         fig, ax = plt.subplots(figsize=(6.4, 3.8))
+        ends: dict[int, list] = {}  # last point of each line, labelled with its value
         for m, row in table.items():
             xs = sorted(row)
             ax.plot(xs, [row[x] for x in xs], marker="o", color=METHOD_COLORS.get(m), label=m)
-            ax.annotate(f"{row[xs[-1]]:.1f}", (xs[-1], row[xs[-1]]), xytext=(4, 0),
-                        textcoords="offset points", va="center", fontsize=7)  # fmt: skip
+            ends.setdefault(xs[-1], []).append((row[xs[-1]], METHOD_COLORS.get(m)))
+        values = [v for row in table.values() for v in row.values()]
+        gap = 0.045 * (max(values) - min(values) or 1.0)  # labels at one x stay this far apart
+        for x, pts in ends.items():
+            last = -np.inf
+            for y, color in sorted(pts, key=lambda p: p[0]):
+                y_text = max(y, last + gap)
+                ax.annotate(f"{y:.1f}", (x, y), xytext=(x * 1.06, y_text), textcoords="data",
+                            va="center", fontsize=7, color=color)  # fmt: skip
+                last = y_text
         if chosen is not None:
             ax.axvline(chosen, color="grey", ls="--", lw=0.8, label=f"toy preset: {chosen}")
         ax.set_xscale("log", base=2)

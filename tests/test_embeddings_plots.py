@@ -217,13 +217,13 @@ def test_label_map_figures_carry_a_legend_of_the_classes_present():
     x = torch.randn(2, 3, 16, 32)
     y = torch.zeros(2, 16, 32, dtype=torch.long)
     y[:, :4] = 10  # sky
-    y[:, -2:] = 255  # ignore: no legend entry
+    y[:, -2:] = 255  # ignore: drawn black, listed last
     pred = torch.full((2, 16, 32), 13)  # car
     fig = plots.plot_qualitative(x, y, {"confeti": pred}, n=2)
-    assert _legend_labels(fig.legends[-1]) == ["road", "sky", "car"]
+    assert _legend_labels(fig.legends[-1]) == ["road", "sky", "car", "ignore"]
     plt.close(fig)
     fig = plots.plot_domain_samples(x, y, x, pred, n=2)
-    assert _legend_labels(fig.legends[-1]) == ["road", "sky", "car"]
+    assert _legend_labels(fig.legends[-1]) == ["road", "sky", "car", "ignore"]
     plt.close(fig)
     fig = plots.plot_train_step({"x": x, "ŷ": pred, "w": torch.rand(2, 16, 32)}, suptitle="t = 5")
     assert _legend_labels(fig.legends[-1]) == ["car"] and fig._suptitle.get_text() == "t = 5"
