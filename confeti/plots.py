@@ -907,6 +907,36 @@ def plot_convergence(table: dict[str, dict[int, float]], chosen: int | None = No
     return fig
 
 
+def plot_gap_matrix(table: dict[str, dict[str, float]]) -> Figure:
+    """Which alignment closes which gap: ToyStreets variants (rows) x methods (columns), each cell
+    the share of that variant's source-only -> oracle gap the method closes (colour, percent)
+    with its mIoU. ``table``: {variant: {method: mIoU}} (experiments.gap_table)."""
+    from .experiments import gap_closed
+
+    closed = gap_closed(table)
+    variants = [v for v in table if v in closed]
+    methods = [m for m in METHOD_COLORS if any(m in table[v] for v in variants)]
+    vals = np.full((len(variants), len(methods)), np.nan)
+    for i, v in enumerate(variants):
+        for j, m in enumerate(methods):
+            vals[i, j] = closed[v].get(m, np.nan)
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(1.3 * len(methods) + 1.8, 0.75 * len(variants) + 1.4))
+        im = ax.imshow(vals, cmap="RdYlGn", vmin=-50, vmax=100, aspect="auto")
+        for i, v in enumerate(variants):
+            for j, m in enumerate(methods):
+                if m in table[v]:
+                    ax.text(j, i, f"{vals[i, j]:.0f} %\n{table[v][m]:.1f}", ha="center",
+                            va="center", fontsize=8)  # fmt: skip
+        ax.set_xticks(range(len(methods)), methods, rotation=20)
+        ax.set_yticks(range(len(variants)), [f"{v} gap" for v in variants])
+        ax.set_xlabel("method")
+        ax.set_title("gap closed (% of source-only -> oracle) and mIoU on city val")
+        fig.colorbar(im, ax=ax, label="gap closed (%)")
+        fig.tight_layout()
+    return fig
+
+
 # ---- notebook 04: watching a run ----------------------------------------------------------------
 def plot_run_curves(metrics: dict[str, list[dict]], pretrain_iters: int = 0, keys=None) -> Figure:
     """``plot_training_curves`` for reading or watching a run: the CUT pre-training (phase 0,
