@@ -507,10 +507,11 @@ def phase_prototype_update(state: TrainState, ctx: StepContext) -> None:
 def phase_semantic_consistency(state: TrainState, ctx: StepContext) -> None:
     """Step 6, the prototypical semantic consistency: the segmentor judges G, its weights and
     BatchNorm statistics frozen (``semantic_consistency``, ``frozen``, ``bn_stats_frozen``):
-    L_psc = λ_psc · mean (r(e(x_s2t)) Pᵀ − sg[e(x_s)] Pᵀ)², e = proj ∘ backbone, r the adapter
-    (``psc_judge="teacher"``: e(x_s) from the teacher, both sides L2-normalised and divided by τ).
-    Only while G trains and the prototypes are ready; the gradient flows through the frozen
-    segmentor into G and the adapter, inside the CUT step's backward. Logs ``psc``.
+    λ_psc L_psc, L_psc = mean (r(e(x_s2t)) Pᵀ − sg[e(x_s)] Pᵀ)², e = proj ∘ backbone, r the
+    adapter (``psc_judge="teacher"``: e(x_s) from the teacher, both sides L2-normalised and
+    divided by τ). Only while G trains and the prototypes are ready; the gradient flows through
+    the frozen segmentor into G and the adapter, inside the CUT step's backward. Logs ``psc``
+    (= λ_psc L_psc, as ``ctx.psc``).
 
     The official code runs this and the CUT step after the source branch. Here they come
     before the segmentor's branches: G's graphs are freed before the segmentor's are built,
@@ -552,8 +553,9 @@ def phase_semantic_consistency(state: TrainState, ctx: StepContext) -> None:
 def phase_cut_step(state: TrainState, ctx: StepContext) -> None:
     """Step 7, the CUT step while G trains: D on (x_s2t, x_t) with LSGAN
     (``StyleTransfer.d_step``), then G + F on L_G = λ_GAN L_GAN + λ_NCE · ½[L_NCE(x_s, x_s2t) +
-    L_NCE(x_t, G(x_t))] + L_psc (``g_step``: one backward, then G and F step; the gradient L_psc
-    leaves in the adapter waits for step 11). Logs ``loss_D``, ``loss_G`` and its parts.
+    L_NCE(x_t, G(x_t))] + λ_psc L_psc (``g_step``: one backward, then G and F step; the
+    gradient L_psc leaves in the adapter waits for step 11). Logs ``loss_D``, ``loss_G`` (without
+    L_psc) and its parts ``loss_G_gan``, ``loss_nce`` (= λ_NCE · ½[...]).
 
     Shape: x_s, x_t, x_s2t (B, 3, H, W) -> scalars.
     """
