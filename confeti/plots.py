@@ -959,14 +959,15 @@ def plot_run_curves(metrics: dict[str, list[dict]], pretrain_iters: int = 0, key
         keys.append("val mIoU")
     fig = plot_training_curves(runs, keys)
     panels = [ax for ax in fig.axes if ax.get_title()]
+    spans = []
     for ax in panels:
         if ax.get_title() == "val mIoU":
             for line in ax.get_lines():
                 line.set_marker("o")
         if pretrain_iters > 0:
-            ax.axvspan(0, pretrain_iters, color="0.88", zorder=0, label="CUT pre-training")
-    if panels:
-        panels[0].legend(fontsize=7)
+            spans.append(ax.axvspan(0, pretrain_iters, color="0.88", zorder=0))
+    if spans:  # the runs are in the figure's legend; the span gets one in the first panel
+        panels[0].legend(handles=spans[:1], labels=["CUT pre-training"], fontsize=7)
     return fig
 
 
