@@ -2,11 +2,15 @@
 
 A notebook exercise is a markdown cell with a folded ``<details><summary>Solution</summary>`` block
 holding the solution as a python code fence, a code cell where the student writes the function (a
-stub as committed) and a check cell that compares it with the package. Here each solution is
-executed (after the notebook's imports) and every function it defines goes through the same
-comparison as the notebook's check cell, found by the function's name in ``CHECKERS``: a new
-exercise without a checker fails. The student's cell must stay a stub, so that the notebook does
-not show the solution before it is unfolded.
+stub as committed: a docstring with a ``Shape:`` line and ``raise NotImplementedError``) and a
+check cell that defines ``check_<name>(fn)``, compares the function with the package and says
+"not written yet" while it raises NotImplementedError. Here each solution is executed (after the
+notebook's imports) and every function it defines goes through the same comparison as the
+notebook's check cell, found by the function's name in ``CHECKERS``: a new exercise without a
+checker fails. The student's cell must stay a stub, so that the notebook does not show the
+solution before it is unfolded; the check cells run as the notebook runs them, on the stub and
+on the solution, and the notebooks' own ``check_*`` functions must tell the same right and
+wrong versions apart as ``CHECKERS``.
 """
 
 import ast
@@ -72,16 +76,46 @@ def notebook_imports(path: Path) -> dict:
 
 
 def is_stub(fn: ast.FunctionDef) -> bool:
-    """A body of at most a docstring and one raise / return None / pass / ... (comments aside)."""
-    body = fn.body[1:] if ast.get_docstring(fn) is not None else fn.body
-    if len(body) != 1:
+    """A docstring with a ``Shape:`` line, then only ``raise NotImplementedError(...)``
+    (comments aside)."""
+    doc = ast.get_docstring(fn)
+    if doc is None or "Shape:" not in doc or len(fn.body) != 2:
         return False
-    (stmt,) = body
-    none = isinstance(stmt, ast.Return) and (
-        stmt.value is None or (isinstance(stmt.value, ast.Constant) and stmt.value.value is None)
-    )
-    ellipsis = isinstance(stmt, ast.Expr) and getattr(stmt.value, "value", None) is Ellipsis
-    return isinstance(stmt, (ast.Raise, ast.Pass)) or none or ellipsis
+    stmt = fn.body[1]
+    exc = stmt.exc if isinstance(stmt, ast.Raise) else None
+    exc = exc.func if isinstance(exc, ast.Call) else exc
+    return isinstance(exc, ast.Name) and exc.id == "NotImplementedError"
+
+
+def student_cell(path: Path, name: str) -> str:
+    """The code cell where the student writes ``name``."""
+    cells = [c for c in _cells(path, "code") if name in defined_functions(c)]
+    assert len(cells) == 1, f"{path.name}: {len(cells)} code cells define {name}, not one"
+    return cells[0]
+
+
+def check_cell(path: Path, name: str) -> str:
+    """The code cell that checks ``name``: it calls ``check_*(name)`` and catches
+    NotImplementedError."""
+    call = re.compile(r"\bcheck_\w+\(" + re.escape(name) + r"\)")
+    cells = [c for c in _cells(path, "code") if call.search(c) and "NotImplementedError" in c]
+    assert len(cells) == 1, f"{path.name}: {len(cells)} check cells for {name}, not one"
+    return cells[0]
+
+
+@functools.cache
+def notebook_checkers() -> dict:
+    """{name: function} of the ``check_*`` functions the notebooks' check cells define, each
+    defined after its notebook's imports (the rest of the cell, which calls them, is not run)."""
+    found = {}
+    for path in NOTEBOOKS:
+        for code in _cells(path, "code"):
+            defs = [f for n, f in defined_functions(code).items() if n.startswith("check_")]
+            if defs:
+                namespace = notebook_imports(path)
+                exec(compile(ast.Module(body=defs, type_ignores=[]), str(path), "exec"), namespace)
+                found.update({f.name: namespace[f.name] for f in defs})
+    return found
 
 
 # ---- the checkers: the comparison of each notebook's check cell ---------------------------
@@ -135,7 +169,6 @@ def check_mix(fn):
     }
     for name, (a, b) in pairs.items():
         mine, ref = fn(a, b, mask), selftrain.mix(a, b, mask)
-        assert mine is not None, "my_mix returned None: write it first"
         assert mine.dtype == ref.dtype and torch.equal(mine, ref), f"mix of {name}s differs"
 
 
@@ -156,7 +189,6 @@ def check_class_mix_masks(fn, draws=200):
         torch.manual_seed(0)
         for _ in range(draws):
             m = fn(y, num_classes=num_classes)
-            assert m is not None, "my_class_mix_masks returned None: write it first"
             assert m.shape == y.shape and m.is_floating_point()
             assert set(m.unique().tolist()) <= {0.0, 1.0}
             for i in range(len(y)):
@@ -188,8 +220,12 @@ def _id(case) -> str:
 
 
 def test_the_known_exercises_are_found():
-    names = {name for _, _, code in SOLUTIONS for name in defined_functions(code)}
-    assert {"my_patch_nce", "my_ema_update"} <= names, f"solutions found: {sorted(names)}"
+    found = {}
+    for path, _, code in SOLUTIONS:
+        found.setdefault(path.stem, set()).update(defined_functions(code))
+    assert found.get("02_pixel_alignment", set()) >= {"my_patch_nce"}, found
+    assert found.get("03_feature_alignment", set()) >= {"my_ema_update"}, found
+    assert found.get("04_joint_training", set()) >= {"my_mix", "my_class_mix_masks"}, found
 
 
 @pytest.mark.parametrize("case", SOLUTIONS, ids=_id)
@@ -216,8 +252,25 @@ def test_exercise_cell_is_left_to_the_student(case):
         ]
         assert defs, f"{path.name}: no code cell where the student writes {name}"
         assert all(is_stub(d) for d in defs), (
-            f"{path.name}: a code cell already implements {name}; keep the solution folded"
+            f"{path.name}: the student's {name} must be a stub (a docstring with a Shape: line, "
+            "then raise NotImplementedError): keep the solution folded"
         )
+
+
+@pytest.mark.parametrize("case", SOLUTIONS, ids=_id)
+def test_check_cell_on_the_stub_and_on_the_solution(case, capsys):
+    """The notebook's check cell, run as the notebook runs it: 'not written yet' for the stub,
+    'correct' once the solution replaces it."""
+    path, _, code = case
+    for name in defined_functions(code):
+        student, check = student_cell(path, name), check_cell(path, name)
+        for body, said in ((student, f"{name} is not written yet"), (code, f"correct: {name}")):
+            namespace = notebook_imports(path)
+            exec(compile(body, f"{path.name} {name}", "exec"), namespace)
+            exec(compile(check, f"{path.name} check cell", "exec"), namespace)
+            assert said in capsys.readouterr().out, (
+                f"{path.name}: the check cell did not say {said!r}"
+            )
 
 
 # ---- the checkers fail on a wrong version (and pass the same code done right) --------------
@@ -265,31 +318,40 @@ def _masks(labels, num_classes=19, per_image=True, share=0.5):
 
 
 P = functools.partial
-VERSIONS = [
-    ("right PatchNCE", check_patch_nce, _nce, True),
-    ("PatchNCE, self-pair not filled", check_patch_nce, P(_nce, fill=False), False),
-    ("PatchNCE, keys not detached", check_patch_nce, P(_nce, detach=False), False),
-    ("right EMA", check_ema_update, _ema, True),
-    ("EMA without the momentum ramp", check_ema_update, P(_ema, ramp=False), False),
-    ("right mix", check_mix, _mix, True),
-    ("mix blending integer labels", check_mix, P(_mix, keep_int=False), False),
-    ("right masks", P(check_class_mix_masks, draws=50), _masks, True),
+VERSIONS = [  # (what, the checker's name, its keyword arguments, the version, right?)
+    ("right PatchNCE", "check_patch_nce", {}, _nce, True),
+    ("PatchNCE, self-pair not filled", "check_patch_nce", {}, P(_nce, fill=False), False),
+    ("PatchNCE, keys not detached", "check_patch_nce", {}, P(_nce, detach=False), False),
+    ("right EMA", "check_ema_update", {}, _ema, True),
+    ("EMA without the momentum ramp", "check_ema_update", {}, P(_ema, ramp=False), False),
+    ("right mix", "check_mix", {}, _mix, True),
+    ("mix blending integer labels", "check_mix", {}, P(_mix, keep_int=False), False),
+    ("right masks", "check_class_mix_masks", {"draws": 50}, _masks, True),
     (
         "masks from the whole batch",
-        P(check_class_mix_masks, draws=50),
+        "check_class_mix_masks",
+        {"draws": 50},
         P(_masks, per_image=False),
         False,
     ),
-    ("masks of every class", P(check_class_mix_masks, draws=50), P(_masks, share=1.0), False),
+    ("masks of every class", "check_class_mix_masks", {"draws": 50}, P(_masks, share=1.0), False),
 ]
+OURS = {f.__name__: f for f in CHECKERS.values()}
 
 
+def test_every_checker_is_a_notebook_check_function():
+    missing = sorted(set(OURS) - set(notebook_checkers()))
+    assert not missing, f"no notebook check cell defines {missing}"
+
+
+@pytest.mark.parametrize("where", ["tests", "notebook"])
 @pytest.mark.parametrize(
-    "checker, fn, right", [v[1:] for v in VERSIONS], ids=[v[0] for v in VERSIONS]
+    "checker, kwargs, fn, right", [v[1:] for v in VERSIONS], ids=[v[0] for v in VERSIONS]
 )
-def test_checker_tells_right_from_wrong(checker, fn, right):
+def test_checker_tells_right_from_wrong(where, checker, kwargs, fn, right):
+    check = P((OURS if where == "tests" else notebook_checkers())[checker], **kwargs)
     if right:
-        checker(fn)
+        check(fn)
     else:
         with pytest.raises(AssertionError):
-            checker(fn)
+            check(fn)
