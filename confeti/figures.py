@@ -26,19 +26,10 @@ import torch
 import torch.nn.functional as F
 
 from . import plots
+from .ablation import ABLATION_METHODS
 from .datasets import CityscapesDataset, GTA5Dataset
 from .embeddings import alignment, run_tsne, sample_embeddings
 
-METHOD_ORDER = (
-    "source_only",
-    "style",
-    "contrast",
-    "selftrain",
-    "selftrain+style",
-    "selftrain+contrast",
-    "confeti",
-    "oracle",
-)
 DISPLAY = {"source_only": "source-only", "confeti": "CONFETI"}  # names in titles and legends
 
 
@@ -64,7 +55,7 @@ def load_runs(runs: Path) -> dict:
     from .runner import load_for_eval
 
     out = {}
-    for m in METHOD_ORDER:
+    for m in ABLATION_METHODS:  # the ablation's order: the oracle last
         ck = runs / m / "checkpoint.pt"
         if ck.exists() and (runs / m / "eval.json").exists():
             state, cfg = load_for_eval(ck, "cpu")
