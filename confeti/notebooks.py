@@ -11,7 +11,8 @@ show the outputs of the full toy run. Four rules keep those outputs honest:
    names the cell. Progress-bar noise is dropped: carriage-return (``\\r``) redraws keep only
    their final state, ANSI escape codes and widget outputs go.
 3. **They are small.** A PNG wider than ``MAX_IMAGE_WIDTH`` pixels is downscaled to that width
-   (Lanczos, aspect kept) and re-encoded; a notebook still above ``MAX_BYTES`` is an error that
+   (Lanczos, aspect kept) and re-encoded, one still above ``MAX_IMAGE_BYTES`` gets a 256-colour
+   palette; a notebook still above ``MAX_BYTES`` is an error that
    lists its largest outputs.
 4. **They say what they were made from.** ``metadata["confeti"]`` records a hash of each code
    cell (markdown and outputs do not count), a hash of every ``results/`` file the kernel opened
@@ -49,7 +50,8 @@ ROOT = Path(__file__).resolve().parents[1]  # the repository root
 WATCHED = ("results",)  # folders under ROOT whose files a notebook's outputs depend on
 PRESETS = ("toy", "paper")  # presets whose values the outputs depend on
 MAX_BYTES = 3_000_000  # a committed notebook stays under this size
-MAX_IMAGE_WIDTH = 1200  # PNG outputs wider than this (pixels) are downscaled to it
+MAX_IMAGE_WIDTH = 1000  # PNG outputs wider than this (pixels) are downscaled to it (GitHub: ~900)
+MAX_IMAGE_BYTES = 200_000  # a PNG still larger is re-encoded with a 256-colour palette
 KERNEL = {"display_name": "Python 3", "language": "python", "name": "python3"}
 STALE = "outputs are stale: rerun make reproduce"
 
@@ -202,15 +204,29 @@ def _collapse(text: str) -> str:
     return "\n".join(line.rsplit("\r", 1)[-1] for line in text.split("\n"))
 
 
-def _shrink_png(b64: str, max_width: int = MAX_IMAGE_WIDTH) -> str:
+def _shrink_png(
+    b64: str, max_width: int = MAX_IMAGE_WIDTH, max_bytes: int = MAX_IMAGE_BYTES
+) -> str:
+    """Downscale a PNG wider than ``max_width`` (Lanczos, aspect kept); if it is still larger than
+    ``max_bytes``, re-encode it with a 256-colour palette (image grids of noisy toy scenes
+    compress badly in RGB; a palette keeps them readable at a third of the size)."""
     from PIL import Image
 
-    img = Image.open(io.BytesIO(base64.b64decode(b64)))
-    if img.width <= max_width:
+    raw = base64.b64decode(b64)
+    img = Image.open(io.BytesIO(raw))
+    if img.width <= max_width and len(raw) <= max_bytes:
         return b64
-    h = max(1, round(img.height * max_width / img.width))
+    if img.width > max_width:
+        img = img.convert("RGBA").resize(
+            (max_width, max(1, round(img.height * max_width / img.width))), Image.LANCZOS
+        )
     buf = io.BytesIO()
-    img.resize((max_width, h), Image.LANCZOS).save(buf, format="PNG", optimize=True)
+    img.save(buf, format="PNG", optimize=True)
+    if buf.tell() > max_bytes:
+        buf = io.BytesIO()
+        img.convert("RGB").quantize(256, method=Image.Quantize.MEDIANCUT).save(
+            buf, format="PNG", optimize=True
+        )
     return base64.b64encode(buf.getvalue()).decode()
 
 

@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 import nbformat
+import numpy as np
 import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
 
@@ -25,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 # the notebooks committed with the outputs of the full toy run (`make reproduce`); add a name
 # here when you commit its executed version, so that stripping it later fails this file
-EXECUTED: tuple[str, ...] = ()
+EXECUTED: tuple[str, ...] = ("01_data.ipynb",)
 
 
 # ---- the committed notebooks --------------------------------------------------------------
@@ -313,3 +314,16 @@ def test_reproduce_trains_the_figure_runs_in_parallel_sharing_phase_0(toy, tmp_p
         assert json.loads((runs / "smoke" / m / "eval.json").read_text())["miou"] >= 0
     # style and confeti ran phase 0 once: one cache entry for the two runs with G
     assert len(list((runs / "smoke" / "cut_cache").glob("*.pt"))) == 1
+
+
+def test_a_large_png_gets_a_palette_and_shrinks():
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    noisy = Image.fromarray(rng.integers(0, 256, (500, 900, 3), dtype=np.uint8))  # incompressible
+    buf = io.BytesIO()
+    noisy.save(buf, format="PNG")
+    assert buf.tell() > nbs.MAX_IMAGE_BYTES
+    out = base64.b64decode(nbs._shrink_png(base64.b64encode(buf.getvalue()).decode()))
+    img = Image.open(io.BytesIO(out))
+    assert img.mode == "P" and img.size == (900, 500) and len(out) < buf.tell() / 2
