@@ -26,7 +26,13 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 # the notebooks committed with the outputs of the full toy run (`make reproduce`); add a name
 # here when you commit its executed version, so that stripping it later fails this file
-EXECUTED: tuple[str, ...] = ("01_data.ipynb",)
+EXECUTED: tuple[str, ...] = (
+    "01_data.ipynb",
+    "02_pixel_alignment.ipynb",
+    "03_feature_alignment.ipynb",
+    "04_joint_training.ipynb",
+    "05_prototype_tsne.ipynb",
+)
 
 
 # ---- the committed notebooks --------------------------------------------------------------
