@@ -602,6 +602,17 @@ def plot_prototype_similarity(sim_maps, image, classes=None) -> Figure:
     return fig
 
 
+def _spread_apart(ys, gap: float, lo: float = -np.inf, hi: float = np.inf) -> list[float]:
+    """Heights for labels at the ascending heights ``ys``: each at least ``gap`` above the one
+    below and as near its own height as that allows, all within [lo, hi]."""
+    placed: list[float] = []
+    for y in ys:  # bottom-up: at least one gap above the label below
+        placed.append(max(y, placed[-1] + gap) if placed else max(y, lo))
+    for i in reversed(range(len(placed))):  # top-down: stay below hi
+        placed[i] = min(placed[i], hi if i == len(placed) - 1 else placed[i + 1] - gap)
+    return placed
+
+
 def _label_line_ends(ax) -> None:
     """Each line's label just right of the axes, at the height of its last finite point, in its
     colour; labels are moved apart vertically (within the y-range) so none overlap, with a thin
@@ -617,11 +628,7 @@ def _label_line_ends(ax) -> None:
     ends.sort(key=lambda e: e[0])
     lo, hi = ax.get_ylim()
     gap = (hi - lo) * min(0.05, 1.0 / (len(ends) + 1))
-    placed = []
-    for y, _, _ in ends:  # bottom-up: at least one gap above the label below
-        placed.append(max(y, placed[-1] + gap) if placed else max(y, lo + gap / 2))
-    for i in reversed(range(len(placed))):  # top-down: stay inside the axes
-        placed[i] = min(placed[i], hi - gap / 2 if i == len(placed) - 1 else placed[i + 1] - gap)
+    placed = _spread_apart([y for y, _, _ in ends], gap, lo + gap / 2, hi - gap / 2)
     for (y, x, ln), yl in zip(ends, placed):
         ax.annotate(ln.get_label(), (x, y), xytext=(1.03, yl), textcoords=("axes fraction", "data"), fontsize=6.5, color=ln.get_color(), va="center", ha="left", annotation_clip=False, arrowprops=dict(arrowstyle="-", lw=0.4, color=ln.get_color(), shrinkA=1, shrinkB=2))  # fmt: skip
 
@@ -885,12 +892,10 @@ def plot_convergence(table: dict[str, dict[int, float]], chosen: int | None = No
         values = [v for row in table.values() for v in row.values()]
         gap = 0.045 * (max(values) - min(values) or 1.0)  # labels at one x stay this far apart
         for x, pts in ends.items():
-            last = -np.inf
-            for y, color in sorted(pts, key=lambda p: p[0]):
-                y_text = max(y, last + gap)
+            pts = sorted(pts, key=lambda p: p[0])
+            for (y, color), y_text in zip(pts, _spread_apart([y for y, _ in pts], gap)):
                 ax.annotate(f"{y:.1f}", (x, y), xytext=(x * 1.06, y_text), textcoords="data",
                             va="center", fontsize=7, color=color)  # fmt: skip
-                last = y_text
         if chosen is not None:
             ax.axvline(chosen, color="grey", ls="--", lw=0.8, label=f"toy preset: {chosen}")
         ax.set_xscale("log", base=2)
