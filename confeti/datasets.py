@@ -98,7 +98,7 @@ class _SegDataset(torch.utils.data.Dataset):
         return self.root / f"sample_class_stats{suffix}.json"
 
     def __init__(self, root, split="train", resize=None, crop_size=None, flip=False,
-                 cat_max_ratio=0.75, check=True):  # fmt: skip
+                 cat_max_ratio=0.75, check=True, cache=False):  # fmt: skip
         self.root, self.split = Path(root), split
         self.resize = tuple(resize) if resize else None
         self.crop_size = tuple(crop_size) if crop_size else None
@@ -106,6 +106,14 @@ class _SegDataset(torch.utils.data.Dataset):
         self.pairs = self._find_pairs()
         if check:
             self.check()
+        # cache=True: keep each decoded, resized pair in memory after its first read, if the
+        # whole split fits in CACHE_BYTES (ToyStreets: ~0.2 GB; GTA5 at 720x1280: never)
+        self._cache = {} if cache and self.cache_bytes() <= CACHE_BYTES else None
+
+    def cache_bytes(self) -> int:
+        """Memory of every resized pair: float32 image (3, h, w) + uint8 label (h, w)."""
+        h, w = self.image_size(0)
+        return len(self.pairs) * h * w * (3 * 4 + 1)
 
     # -- subclasses: the file layout and the label decoding ---------------------------------
     def _find_pairs(self) -> list[tuple[Path, Path]]:
@@ -184,11 +192,43 @@ class _SegDataset(torch.utils.data.Dataset):
             raise _layout_error(f"label shape {lab.shape} != image shape {img.shape[:2]}", lab_path, self.LAYOUT)  # fmt: skip
         return img, lab
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def resized(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pair ``i`` decoded and resized, before the random transforms (from the cache if on).
+
+        Shape: -> x float32 (3, h, w) in [0, 1], y int64 (h, w).
+        """
+        if self._cache is not None and i in self._cache:
+            x, y8 = self._cache[i]
+            return x, y8.long()  # 0..18 and 255 fit uint8 exactly
         img, lab = self.load(i)
         x = torch.from_numpy(img.copy()).permute(2, 0, 1).float() / 255.0  # (3, H, W)
         y = torch.from_numpy(lab.astype(np.int64))  # (H, W)
-        return joint_transform(x, y, self.resize, self.crop_size, self.flip, self.cat_max_ratio)
+        x, y = resize_pair(x, y, self.resize)
+        if self._cache is not None:
+            self._cache[i] = (x, y.to(torch.uint8))
+        return x, y
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.resized(i)
+        return joint_transform(x, y, None, self.crop_size, self.flip, self.cat_max_ratio)
+
+
+CACHE_BYTES = int(os.environ.get("CONFETI_DATA_CACHE_MB", "1024")) * 2**20  # per split
+
+
+def resize_pair(x, y, resize=None):
+    """Resize (keep ratio) into the ``resize`` box: bilinear image, nearest label.
+
+    Shape: x (3, H, W), y (H, W) int64 -> x (3, h, w), y (h, w).
+    """
+    if resize is None:
+        return x, y
+    h, w = y.shape  # as mmseg's Resize(keep_ratio=True): the largest scale that fits
+    scale = min(resize[0] / h, resize[1] / w)
+    size = (int(h * scale + 0.5), int(w * scale + 0.5))
+    x = F.interpolate(x[None], size=size, mode="bilinear", align_corners=False)[0]
+    y = F.interpolate(y[None, None].float(), size=size, mode="nearest")[0, 0].long()
+    return x, y
 
 
 def joint_transform(x, y, resize=None, crop_size=None, flip=False, cat_max_ratio=0.75):
@@ -196,12 +236,7 @@ def joint_transform(x, y, resize=None, crop_size=None, flip=False, cat_max_ratio
 
     Shape: x (3, H, W) in [0, 1], y (H, W) int64 -> x (3, h, w) normalised, y (h, w).
     """
-    if resize is not None:  # as mmseg's Resize(keep_ratio=True): the largest scale that fits
-        h, w = y.shape
-        scale = min(resize[0] / h, resize[1] / w)
-        size = (int(h * scale + 0.5), int(w * scale + 0.5))
-        x = F.interpolate(x[None], size=size, mode="bilinear", align_corners=False)[0]
-        y = F.interpolate(y[None, None].float(), size=size, mode="nearest")[0, 0].long()
+    x, y = resize_pair(x, y, resize)
     if crop_size is not None:
         ch, cw = crop_size
         for _ in range(10):  # re-draw crops where one class covers > cat_max_ratio

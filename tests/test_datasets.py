@@ -251,3 +251,39 @@ def test_synthia_label_of_the_wrong_bit_depth_is_refused(tmp_path):
     Image.fromarray(np.zeros((H, W, 3), np.uint8)).save(lab)  # an 8-bit RGB PNG
     with pytest.raises(DatasetError, match=r"bit depth 8, expected a 16-bit PNG"):
         SynthiaDataset(root)
+
+
+def test_cache_gives_the_items_of_a_fresh_read(toy, monkeypatch):
+    """The in-memory cache of resized pairs (a speed change) returns, for every seed, exactly
+    what decoding the files again returns, also on the second read, and never lets a caller's
+    tensor alias its entries."""
+    from confeti import datasets
+    from confeti.runner import _Seeded
+
+    kw = dict(resize=(32, 64), crop_size=(32, 48), flip=True)
+    cached = _Seeded(GTA5Dataset(toy / "gta5", cache=True, **kw))
+    fresh = _Seeded(GTA5Dataset(toy / "gta5", cache=False, **kw))
+    assert cached.base._cache == {} and fresh.base._cache is None
+    for rnd in range(2):  # round 1 fills the cache, round 2 reads from it
+        for i in range(len(fresh)):
+            (xa, ya), (xb, yb) = cached[(i, 100 * rnd + i)], fresh[(i, 100 * rnd + i)]
+            assert torch.equal(xa, xb) and torch.equal(ya, yb) and ya.dtype == torch.int64
+            xa.zero_()
+            ya.fill_(0)  # a caller that writes into its batch must not change the cache
+    assert len(cached.base._cache) == len(fresh)
+    again = cached[(0, 0)]
+    assert torch.equal(again[0], fresh[(0, 0)][0]) and torch.equal(again[1], fresh[(0, 0)][1])
+    monkeypatch.setattr(datasets, "CACHE_BYTES", 0)  # a split larger than the budget: no cache
+    assert GTA5Dataset(toy / "gta5", cache=True, **kw)._cache is None
+
+
+def test_seeded_item_equals_torch_manual_seed(toy):
+    """_Seeded seeds the CPU generator only; the crops and flips are those of torch.manual_seed."""
+    from confeti.runner import _Seeded
+
+    ds = GTA5Dataset(toy / "gta5", resize=(32, 64), crop_size=(32, 48), flip=True)
+    for seed in range(6):
+        torch.manual_seed(seed)
+        x0, y0 = ds[seed % len(ds)]
+        x1, y1 = _Seeded(ds)[(seed % len(ds), seed)]
+        assert torch.equal(x0, x1) and torch.equal(y0, y1)

@@ -163,3 +163,21 @@ def test_two_stage_schedule_retrains_the_segmentor_with_g_frozen(toy, tmp_path):
     assert all("loss_D" in r for r in by_phase["train"])  # stage 1: CUT trained jointly
     assert not any("loss_D" in r or "psc" in r or "pc_tgt" in r for r in by_phase["stage2"])
     assert torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True)["train_style"] is False
+
+
+def test_data_cache_and_cpu_seeding_leave_the_run_unchanged(toy, tmp_path, monkeypatch):
+    """Two speed changes keep the maths: the run with the in-memory data cache equals the run
+    that decodes every file each time, and the CPU-only seeding equals torch.manual_seed."""
+    from confeti import datasets, runner
+
+    cfg = _cfg(iters=8, log_every=1)
+    train(cfg, "confeti", toy, tmp_path / "cached", progress=False)
+    monkeypatch.setattr(datasets, "CACHE_BYTES", 0)
+    monkeypatch.setattr(runner, "_seed_step", lambda seed, device: torch.manual_seed(seed))
+    monkeypatch.setattr(runner._Seeded, "__getitem__",
+                        lambda self, key: (torch.manual_seed(key[1]), self.base[key[0]])[1])  # fmt: skip
+    train(cfg, "confeti", toy, tmp_path / "fresh", progress=False)
+    a, b = _weights(tmp_path / "cached"), _weights(tmp_path / "fresh")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    m = [(tmp_path / n / "metrics.jsonl").read_text() for n in ("cached", "fresh")]
+    assert m[0] == m[1]
