@@ -421,9 +421,10 @@ def _prepare_out(out: Path, cfg: Config, method: str, resume: bool, overwrite: b
         raise RunError(f"cannot write to --out {out}: {e}") from e
 
 
-def _checkpoint(state: TrainState, t: int) -> dict:
+def _checkpoint(state: TrainState, t: int, seconds: float | None = None) -> dict:
     ck = {
         "iteration": t,
+        "seconds": seconds,  # training seconds of iterations 1..t over every call (None: unknown)
         "method": state.method,
         "model": state.state_dict(),
         "optimizer": state.optimizer.state_dict(),
@@ -512,10 +513,13 @@ def _train(
 
     plan = phases(cfg, method)
     total = plan[-1][2]
-    start = 0
+    start, prior = 0, 0.0  # prior: training seconds of the calls before this one
     ck_path = out / CKPT
     if resume and ck_path.exists():
-        start = _restore(state, load_checkpoint(ck_path, map_location=device))
+        ck = load_checkpoint(ck_path, map_location=device)
+        start = _restore(state, ck)
+        prior = ck.get("seconds", None if start else 0.0)  # a checkpoint without it: unknown
+        del ck
     metrics_path = out / "metrics.jsonl"
     if rank == 0:  # drop log lines of iterations the checkpoint does not contain
         lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []
@@ -531,8 +535,9 @@ def _train(
 
     def save(t: int) -> None:
         if rank == 0:
+            spent = None if prior is None else prior + time.time() - t0
             save_atomic(
-                _checkpoint(state, t),
+                _checkpoint(state, t, spent),
                 ck_path,
                 before_replace=lambda: _pause_if_asked("ckpt", t, out),
             )
@@ -664,13 +669,18 @@ def _train(
         (out / "eval.json").write_text(json.dumps(result, indent=2))
         summary = {
             "method": method,
-            "seconds": round(seconds, 1),
+            # the whole run's training time (every call, without evaluation); a run resumed from
+            # a checkpoint that did not record it: this call's only, and seconds_complete false
+            "seconds": round(seconds + (prior or 0.0), 1),
+            "seconds_this_call": round(seconds, 1),
             "iters_run": t - start,
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "commit": code_commit(),
             "torch": torch.__version__,
             "miou": result["miou"],
         }
+        if prior is None:
+            summary["seconds_complete"] = False
         if checksums is not None:
             summary["world_size"], summary["rank_checksums"] = world, checksums
         if cut_status is not None:

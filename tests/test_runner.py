@@ -181,3 +181,32 @@ def test_data_cache_and_cpu_seeding_leave_the_run_unchanged(toy, tmp_path, monke
     assert all(torch.equal(a[k], b[k]) for k in a)
     m = [(tmp_path / n / "metrics.jsonl").read_text() for n in ("cached", "fresh")]
     assert m[0] == m[1]
+
+
+def test_summary_seconds_cover_every_call_of_a_resumed_run(toy, tmp_path):
+    """summary.json's seconds add the calls before a resume (recorded in the checkpoint); a
+    checkpoint without that record says the total is incomplete instead of under-reporting."""
+    from confeti import runner
+
+    cfg = _cfg(iters=6, ckpt_every=3)
+    orig = runner.phases
+    runner.phases = lambda c, m: [(n, a, min(b, a + 3)) for n, a, b in orig(c, m)][:1]
+    try:
+        train(cfg, "source_only", toy, tmp_path / "r", progress=False)
+    finally:
+        runner.phases = orig
+    ck = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)
+    assert ck["iteration"] == 3 and ck["seconds"] > 0
+    first = ck["seconds"]
+    train(cfg, "source_only", toy, tmp_path / "r", resume=True, progress=False)
+    sm = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert sm["iters_run"] == 3 and "seconds_complete" not in sm
+    assert sm["seconds"] == pytest.approx(first + sm["seconds_this_call"], abs=0.11)
+    # an older checkpoint (no "seconds"): the total is flagged, not guessed
+    ck = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)
+    ck["iteration"], ck["seconds"] = 3, None
+    del ck["seconds"]
+    torch.save(ck, tmp_path / "r" / "checkpoint.pt")
+    train(cfg, "source_only", toy, tmp_path / "r", resume=True, progress=False)
+    sm = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert sm["seconds_complete"] is False and sm["seconds"] == sm["seconds_this_call"]
