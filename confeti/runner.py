@@ -28,6 +28,7 @@ tests/test_reliability.py):
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import resource
@@ -492,6 +493,7 @@ def _train(
     cfg, method, data, out, stop, *, resume, overwrite, device, progress, data_check, cut_cache
 ):
     cfg.validate()
+    code_commit()  # the code this run starts with (cached for its summary)
     parts = parts_of(method)
     device = resolve_device(device)
     owns_group = not (dist.is_available() and dist.is_initialized())
@@ -697,8 +699,13 @@ def _train(
     return result
 
 
+@functools.cache
 def code_commit() -> str:
-    """The git commit of the code that ran (``unknown`` outside a git checkout)."""
+    """The git commit of the code that ran (``unknown`` outside a git checkout).
+
+    Read once per process, at the start of a run (``train`` calls it first): a checkout moved
+    while a long run trains does not change the commit the run reports.
+    """
     import subprocess
 
     try:

@@ -210,3 +210,18 @@ def test_summary_seconds_cover_every_call_of_a_resumed_run(toy, tmp_path):
     train(cfg, "source_only", toy, tmp_path / "r", resume=True, progress=False)
     sm = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert sm["seconds_complete"] is False and sm["seconds"] == sm["seconds_this_call"]
+
+
+def test_code_commit_is_read_once_per_process(monkeypatch):
+    """A run reports the commit it started with, even if the checkout moves while it trains."""
+    import subprocess
+
+    from confeti import runner
+
+    first = runner.code_commit()
+
+    def moved(*a, **k):
+        raise AssertionError("git read again")
+
+    monkeypatch.setattr(subprocess, "run", moved)
+    assert runner.code_commit() == first
