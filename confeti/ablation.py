@@ -7,7 +7,7 @@ resumed), ``results.json``, ``results.md`` (mIoU mean ± std and per-class IoU) 
 Taught in notebooks/04_joint_training.ipynb.
 
 With ``--jobs N`` (default: min(cores, 2)) the runs go to N processes of ``cores // N`` threads
-each, the longest first (``RUN_COST``); their output is in ``DIR/logs/``. Every method with G
+each, the longest first (``experiments.COST``); their output is in ``DIR/logs/``. Every method with G
 shares its seed's CUT pre-training (phase 0) through ``DIR/cut_cache`` (``cutcache``): the first
 run of a seed trains and stores it, the others load it; a run whose phase 0 another job is still
 training starts after the runs that need no wait. Each run is the run ``jobs=1`` gives with the
@@ -27,23 +27,11 @@ from pathlib import Path
 import numpy as np
 
 from .config import METHODS, Config
+from .experiments import COST
 from .labels import CLASSES, SHORT_NAMES
 
 # every method of the CLI, the oracle (the upper bound) last
 ABLATION_METHODS = tuple(m for m in METHODS if m != "oracle") + ("oracle",)
-
-# relative seconds per iteration (toy bench): the scheduler starts the longest runs first
-RUN_COST = {
-    "confeti": 1.0,
-    "selftrain+style": 0.85,
-    "style": 0.7,
-    "selftrain+contrast": 0.45,
-    "contrast": 0.35,
-    "selftrain": 0.3,
-    "source_only": 0.12,
-    "fda": 0.13,
-    "oracle": 0.12,
-}
 
 
 def default_jobs() -> int:
@@ -113,7 +101,7 @@ def _pending(out: Path, methods, seeds: int) -> list[tuple[str, int]]:
     """Runs without eval.json, the longest first (then in the given order)."""
     todo = [(m, s) for m in methods for s in range(seeds)]
     todo = [(m, s) for m, s in todo if not (run_dir(out, m, s) / "eval.json").exists()]
-    return sorted(todo, key=lambda r: -RUN_COST.get(r[0], 1.0))  # stable: ties keep the order
+    return sorted(todo, key=lambda r: -COST.get(r[0], 1.0))  # stable: ties keep the order
 
 
 def _phase0_file(cfg: Config, method: str, seed: int, data, out: Path, device, threads):

@@ -6,7 +6,9 @@ import torch
 
 from confeti import runner
 from confeti.__main__ import build_config
-from confeti.ablation import RUN_COST, _pending, run_ablation, run_dir
+from confeti.ablation import _pending, run_ablation, run_dir
+from confeti.config import METHODS as ALL_METHODS
+from confeti.experiments import COST
 
 METHODS = ["style", "selftrain+style"]  # both share seed 0's CUT pre-training
 
@@ -24,9 +26,9 @@ def test_longest_runs_first(tmp_path):
     todo = _pending(tmp_path, ["source_only", "selftrain", "style", "confeti", "oracle"], 2)
     assert [m for m, _ in todo[:2]] == ["confeti", "confeti"] and todo[0][1] == 0
     assert [m for m, _ in todo[-4:]] == ["source_only"] * 2 + ["oracle"] * 2
-    assert RUN_COST["confeti"] > RUN_COST["selftrain+style"] > RUN_COST["style"]
-    assert RUN_COST["style"] > RUN_COST["contrast"] > RUN_COST["selftrain"]
-    assert RUN_COST["selftrain"] > RUN_COST["source_only"] == RUN_COST["oracle"]
+    assert COST["confeti"] > COST["selftrain+style"] > COST["style"] > COST["selftrain+contrast"]
+    assert COST["selftrain"] > COST["contrast"] > COST["source_only"] > COST["oracle"]
+    assert set(COST) == set(ALL_METHODS)  # one table for the ablation and the experiments
 
 
 def test_two_jobs_give_the_runs_of_one_and_resume_an_interrupted_run(toy, tmp_path):
