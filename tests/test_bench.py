@@ -15,6 +15,7 @@ def test_bench_reports_every_method_and_phase(toy):
     loader = res["loader"]
     assert loader["images_per_sec"] > 0 and loader["sec_per_batch"] > 0
     assert loader["vs_slowest_method"] > 0
+    assert loader["cached"] is True and loader["images_per_sec_cached"] > 0  # the toy fits
     assert set(res["methods"]) == set(BENCH_METHODS)
     for r in res["methods"].values():
         assert r["sec_per_iter"] > 0 and r["images_per_sec"] > 0 and r["peak_memory_mb"] > 0
