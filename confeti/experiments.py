@@ -127,6 +127,8 @@ def collect(jobs: list[Job], preset: str, experiment: str, extra: dict | None = 
         row = {"name": j.name, "method": j.method, "iters": j.iters, "seed": j.seed,
                "overrides": j.overrides, "seconds": (sm or {}).get("seconds"),
                "commit": (sm or {}).get("commit")}  # fmt: skip
+        if (sm or {}).get("seconds_complete") is False:  # resumed from an older checkpoint
+            row["seconds_complete"] = False
         if j.variant is not None:
             row["variant"] = j.variant
         if j.eval_data is not None:  # tuning: the tuning split's score only, never the val's
