@@ -10,7 +10,9 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
+import torch.nn.functional as F
 from matplotlib.figure import Figure
+from matplotlib.transforms import blended_transform_factory
 
 from .labels import CLASSES, PALETTE, SHORT_NAMES, colorize
 
@@ -51,6 +53,30 @@ def method_colors(names) -> dict[str, str]:
 def class_color(k: int) -> tuple[float, float, float]:
     """Cityscapes palette colour of train id ``k`` as matplotlib floats."""
     return tuple(PALETTE[k] / 255.0)
+
+
+def readable_color(color, contrast: float = 4.5) -> tuple[float, float, float]:
+    """``color`` darkened, its hue kept, until its contrast ratio against white is at least
+    ``contrast`` (WCAG: 4.5 for small text), for text in a class colour: the palette's yellow
+    (traffic sign) and light green (terrain) are unreadable on white as they are."""
+    from matplotlib.colors import to_rgb
+
+    rgb = np.array(to_rgb(color), dtype=float)
+
+    def luminance(c):  # WCAG relative luminance of an sRGB colour
+        lin = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+        return float(lin @ [0.2126, 0.7152, 0.0722])
+
+    while 1.05 / (luminance(rgb) + 0.05) < contrast:
+        rgb = rgb * 0.95
+    return tuple(float(v) for v in rgb)
+
+
+# line style per train id for line plots in the class colours: a class whose palette colour is
+# close to another's (the blues of the vehicles, the greys, the reds) gets a dash of its own:
+# pole, rider, truck, train dashed; motorcycle, bicycle dotted
+_DASHED = {5: "--", 12: "--", 14: "--", 16: "--", 17: ":", 18: ":"}
+CLASS_LINESTYLES = tuple(_DASHED.get(k, "-") for k in range(len(CLASSES)))
 
 
 def class_legend_handles(label_maps) -> list:
@@ -123,7 +149,8 @@ def plot_domain_samples(src_imgs, src_labels, tgt_imgs, tgt_labels, n: int = 3) 
 
 
 def plot_class_frequencies(freq_source, freq_target, names=("source", "target")) -> Figure:
-    """Share of labelled pixels per class and domain (seaborn bars, log scale)."""
+    """Share of labelled pixels per class and domain (seaborn bars, log scale); each class name
+    in black above a swatch of its Cityscapes palette colour."""
     import pandas as pd
     import seaborn as sns
 
@@ -138,9 +165,14 @@ def plot_class_frequencies(freq_source, freq_target, names=("source", "target"))
         sns.barplot(pd.DataFrame(rows), x="class", y="share of pixels", hue="domain", palette=palette, ax=ax)  # fmt: skip
         ax.set_yscale("log")
         ax.set_xlabel("")
-        ax.tick_params(axis="x", rotation=60)
-        for tick, k in zip(ax.get_xticklabels(), range(len(CLASSES))):
-            tick.set_color(np.array(class_color(k)) * 0.8)
+        # black class names; the class's palette colour as a swatch between the axis and its name
+        ax.set_xticks(range(len(CLASSES)), CLASSES, rotation=60, ha="right", rotation_mode="anchor")  # fmt: skip
+        ax.tick_params(axis="x", pad=11)
+        limits = ax.get_xlim(), ax.get_ylim()
+        below = blended_transform_factory(ax.transData, ax.transAxes)  # x: class, y: axes fraction
+        ax.scatter(range(len(CLASSES)), [-0.045] * len(CLASSES), s=32, marker="s", c=[class_color(k) for k in range(len(CLASSES))], edgecolors="black", linewidths=0.5, transform=below, clip_on=False)  # fmt: skip
+        ax.set_xlim(limits[0])
+        ax.set_ylim(limits[1])
         fig.tight_layout()
     return fig
 
@@ -435,19 +467,46 @@ def plot_per_class_iou(rows: dict[str, dict[str, float | None]]) -> Figure:
 TSNE_MARKERS = {"source": "o", "stylized": "^", "target": "x"}  # filled, filled, line-only
 
 
-def _label_stars(ax, pxy, classes) -> None:
-    """Short class names beside the prototype stars, moved down (with a leader line) where two
-    names would overlap. Positions in axes fractions."""
+def _label_stars(ax, pxy, classes, gap: float = 0.038) -> None:
+    """Short class names beside the prototype stars (right of the star; left of it near the
+    right edge), in axes fractions. Names whose boxes would overlap are gathered into groups
+    (a group only grows) and each group is spread apart vertically by ``_spread_apart``, at
+    least ``gap`` apart, until no two names overlap; a moved name gets a leader line to its star."""
+    classes = list(classes)
     (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
-    placed = []
-    for k in sorted(classes, key=lambda k: -pxy[k][1]):
-        fx = (pxy[k][0] - x0) / (x1 - x0) + 0.015
-        fy = start = (pxy[k][1] - y0) / (y1 - y0) + 0.02
-        while any(abs(fy - py) < 0.035 and abs(fx - px) < 0.12 for px, py in placed):
-            fy -= 0.035
-        placed.append((fx, fy))
-        line = dict(arrowstyle="-", lw=0.5, color="#333333") if fy != start else None
-        ax.annotate(SHORT_NAMES[k], pxy[k], xytext=(fx, fy), textcoords="axes fraction", fontsize=7, zorder=6, arrowprops=line, bbox=dict(fc="white", ec="none", alpha=0.75, pad=0.4))  # fmt: skip
+    at = {k: ((pxy[k][0] - x0) / (x1 - x0), (pxy[k][1] - y0) / (y1 - y0)) for k in classes}
+    left = {k: at[k][0] > 0.86 for k in classes}  # name to the left of the star
+    span = {}  # the x-range of each name: 7 pt text, about 0.0125 axes widths a character
+    for k in classes:
+        w, x = 0.0125 * len(SHORT_NAMES[k]) + 0.01, at[k][0]
+        span[k] = (x - 0.025 - w, x - 0.025) if left[k] else (x + 0.025, x + 0.025 + w)
+    want = {k: at[k][1] + 0.02 for k in classes}
+    group = {k: k for k in classes}  # union-find: each name's group
+
+    def root(k):
+        while group[k] != k:
+            k = group[k]
+        return k
+
+    pos = dict(want)
+    for _ in range(len(classes)):
+        members: dict[int, list[int]] = {}
+        for k in classes:
+            members.setdefault(root(k), []).append(k)
+        for g in members.values():  # each group from its names' own heights, bottom-up
+            g.sort(key=lambda k: want[k])
+            pos.update(zip(g, _spread_apart([want[k] for k in g], gap, 0.02, 0.98)))
+        clash = [(a, b) for i, a in enumerate(classes) for b in classes[i + 1 :]
+                 if root(a) != root(b) and abs(pos[a] - pos[b]) < gap
+                 and span[a][0] < span[b][1] and span[b][0] < span[a][1]]  # fmt: skip
+        if not clash:
+            break
+        for a, b in clash:
+            group[root(a)] = root(b)
+    for k in classes:
+        fx = span[k][1] if left[k] else span[k][0]
+        line = dict(arrowstyle="-", lw=0.5, color="#333333", shrinkA=0, shrinkB=6) if abs(pos[k] - want[k]) > 1e-6 else None  # fmt: skip
+        ax.annotate(SHORT_NAMES[k], pxy[k], xytext=(fx, pos[k]), textcoords="axes fraction", fontsize=7, zorder=6, va="center", ha="right" if left[k] else "left", arrowprops=line, bbox=dict(fc="white", ec="none", alpha=0.75, pad=0.4))  # fmt: skip
 
 
 def plot_tsne(
@@ -457,38 +516,33 @@ def plot_tsne(
     protos_xy (C,2) or (0,2)). Colour = class (Cityscapes palette), marker = domain
     (``TSNE_MARKERS``: ● source, ▲ stylized, × target), ★ = prototype, labelled with its class.
     ``score_text``: title -> a line under that panel; ``note``: a line under the figure (what the
-    scores mean). The legends list only what is drawn: the domains present, ★ if a panel has
-    prototypes, the classes present.
+    scores mean). Each panel's marker legend lists only what that panel draws (its domains, ★ if
+    it has prototypes); the class legend below lists the classes present in any panel.
     """
-    drawn_domains, drawn_protos, classes = set(), False, set()
+    classes = set()
     with plt.rc_context(STYLE):
         fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 5.6), squeeze=False)
         for ax, (title, (xy, labels, domains, pxy)) in zip(axes[0], panels.items()):
+            handles = []  # this panel's marker legend: only what this panel draws
             for dom, mk in TSNE_MARKERS.items():
                 sel = domains == dom
                 if not sel.any():
                     continue
-                drawn_domains.add(dom)
                 classes.update(np.unique(labels[sel]).tolist())
                 ax.scatter(xy[sel, 0], xy[sel, 1], c=PALETTE[labels[sel]] / 255.0, s=14, marker=mk, alpha=0.6, linewidths=0.8 if mk == "x" else 0)  # fmt: skip
+                handles.append(plt.Line2D([], [], ls="", marker=mk, ms=7, mew=1.5, color="#555555", label=dom))  # fmt: skip
             seen = [k for k in range(len(pxy)) if not np.isnan(pxy[k]).any()]
             for k in seen:
-                drawn_protos = True
                 ax.scatter(*pxy[k], marker="*", s=260, c=[class_color(k)], edgecolors="black", linewidths=1.2, zorder=5)  # fmt: skip
+            if seen:
+                handles.append(plt.Line2D([], [], ls="", marker="*", ms=13, color="#bbbbbb", markeredgecolor="black", label="prototype"))  # fmt: skip
             _label_stars(ax, pxy, seen)
             ax.set_title(title)
             ax.set_xticks([])
             ax.set_yticks([])
             if score_text and title in score_text:
                 ax.set_xlabel(score_text[title], fontsize=8)
-        handles = [
-            plt.Line2D([], [], ls="", marker=mk, ms=7, mew=1.5, color="#555555", label=d)
-            for d, mk in TSNE_MARKERS.items()
-            if d in drawn_domains
-        ]
-        if drawn_protos:
-            handles.append(plt.Line2D([], [], ls="", marker="*", ms=13, color="#bbbbbb", markeredgecolor="black", label="prototype"))  # fmt: skip
-        axes[0, 0].legend(handles=handles, loc="upper left", fontsize=8, title="marker", title_fontsize=8)  # fmt: skip
+            ax.legend(handles=handles, loc="best", fontsize=7.5, framealpha=0.9, title="marker", title_fontsize=7.5)  # fmt: skip
         fig.tight_layout()
         add_class_legend(fig, [np.array(sorted(classes))])
         if note:  # under the class legend
@@ -615,8 +669,10 @@ def _spread_apart(ys, gap: float, lo: float = -np.inf, hi: float = np.inf) -> li
 
 def _label_line_ends(ax) -> None:
     """Each line's label just right of the axes, at the height of its last finite point, in its
-    colour; labels are moved apart vertically (within the y-range) so none overlap, with a thin
-    leader line to the line's end."""
+    colour darkened to be readable on white (``readable_color``); labels are moved apart
+    vertically (within the y-range) so none overlap. The leader line from a label to its line's
+    end is drawn in the line's own colour and line style, so lines that share a colour are told
+    apart by the dash beside their label."""
     ends = []
     for ln in ax.lines:
         x, y = (np.asarray(v, dtype=float) for v in ln.get_data())
@@ -630,7 +686,8 @@ def _label_line_ends(ax) -> None:
     gap = (hi - lo) * min(0.05, 1.0 / (len(ends) + 1))
     placed = _spread_apart([y for y, _, _ in ends], gap, lo + gap / 2, hi - gap / 2)
     for (y, x, ln), yl in zip(ends, placed):
-        ax.annotate(ln.get_label(), (x, y), xytext=(1.03, yl), textcoords=("axes fraction", "data"), fontsize=6.5, color=ln.get_color(), va="center", ha="left", annotation_clip=False, arrowprops=dict(arrowstyle="-", lw=0.4, color=ln.get_color(), shrinkA=1, shrinkB=2))  # fmt: skip
+        leader = dict(arrowstyle="-", lw=max(0.9, 0.6 * ln.get_linewidth()), ls=ln.get_linestyle(), color=ln.get_color(), shrinkA=1, shrinkB=1)  # fmt: skip
+        ax.annotate(ln.get_label(), (x, y), xytext=(1.09, yl), textcoords=("axes fraction", "data"), fontsize=6.5, color=readable_color(ln.get_color()), va="center", ha="left", annotation_clip=False, arrowprops=leader)  # fmt: skip
 
 
 def plot_prototype_alignment(history: dict[str, list]) -> Figure:
@@ -641,20 +698,21 @@ def plot_prototype_alignment(history: dict[str, list]) -> Figure:
     fall while this rises, as training spreads all classes apart.
 
     history: {"iter": [t0, t1, ...], "<class name>": [margin at t0, ...], ...}; None/NaN where a
-    class was absent. 19 classes in 10 colours x 2 line styles (the Cityscapes palette has too
-    many near-identical blues and greys), each line labelled at its end (no legend); thick
-    black: the mean.
+    class was absent. Each class in its Cityscapes palette colour (as in every figure) and its
+    ``CLASS_LINESTYLES`` dash (near-identical palette colours get different dashes), labelled at
+    its end with a leader in the same colour and dash (no legend); thick black: the mean.
     """
     xs = history.get("iter", history.get("iteration"))
     curves = {k: np.array([np.nan if c is None else c for c in v], dtype=float) for k, v in history.items() if k not in ("iter", "iteration")}  # fmt: skip
-    tab = plt.get_cmap("tab10").colors
+    others = iter(_OTHER_COLORS * (1 + len(curves) // len(_OTHER_COLORS)))  # non-class curves
     with plt.rc_context(STYLE):
         fig, ax = plt.subplots(figsize=(7.5, 3.6))
         for i, (name, ys) in enumerate(curves.items()):
             k = CLASSES.index(name) if name in CLASSES else i
             x = np.arange(len(ys)) if xs is None else np.asarray(xs)
             short = SHORT_NAMES[k] if name in CLASSES else name
-            ax.plot(x, ys, color=tab[k % 10], ls="-" if k < 10 else "--", lw=1.2, label=short, marker="o" if len(ys) < 20 else None, ms=3)  # fmt: skip
+            color, ls = (class_color(k), CLASS_LINESTYLES[k]) if name in CLASSES else (next(others), "-")  # fmt: skip
+            ax.plot(x, ys, color=color, ls=ls, lw=1.3, label=short, marker="o" if len(ys) < 20 else None, ms=3)  # fmt: skip
         if curves:
             arr = np.stack(list(curves.values()))  # (classes, times), NaN where absent
             n = np.isfinite(arr).sum(0)
@@ -1024,29 +1082,62 @@ def plot_class_colour_compare(stats: dict, reference: str = "target") -> Figure:
     return fig
 
 
-def plot_cam_maps(cams, image, classes) -> Figure:
-    """The image and, per class k, its ReLU CAM max(A_k, 0) as a heat-map over the image.
+def plot_cam_maps(cams, image, classes, labels=None, labels_name: str = "labels") -> Figure:
+    """What the prototype update weighs pixels by: per class k the CAM weights w_k = ReLU(A_k),
+    bilinearly upsampled to the label map as ``PrototypeMemory.class_sums`` does, all K maps on
+    ONE colour scale (0 .. the largest weight drawn), so classes can be compared.
 
-    Each map is divided by its own maximum (given in the title; an all-zero map stays 0).
-    cams: (K, h, w) tensor/array, stretched over the image; image: ImageNet-normalised (3, H, W)
-    tensor or uint8 (H, W, 3); classes: the K train ids (titles).
+    Bottom row: w_k minus the mean of the K maps drawn (one symmetric scale): the part of the map
+    that is particular to class k; a map shared by all classes is 0 there. With ``labels``
+    (H, W) train ids (e.g. the pseudo-labels the update uses) each map outlines class k's region
+    (cyan) and its title gives the mean weight inside and outside that region; the bottom-left
+    panel shows the labels.
+
+    cams: (K, h, w) tensor/array, the CAM A of the K classes before the ReLU; image:
+    ImageNet-normalised (3, H, W) tensor or uint8 (H, W, 3); classes: the K train ids (titles).
     """
-    maps = np.asarray(cams.detach().float().cpu() if isinstance(cams, torch.Tensor) else cams, dtype=float)  # fmt: skip
-    maps = np.maximum(maps, 0.0)  # ReLU(A_k)
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    a = torch.as_tensor(np.asarray(cams.detach().float().cpu() if isinstance(cams, torch.Tensor) else cams, dtype=np.float32))  # fmt: skip
     img = _as_rgb(image)
-    extent = (0, img.shape[1], img.shape[0], 0)
+    lab = None if labels is None else np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels)  # fmt: skip
+    size = lab.shape[-2:] if lab is not None else img.shape[:2]
+    w = F.interpolate(F.relu(a)[None], size=tuple(size), mode="bilinear", align_corners=False)[0].numpy()  # fmt: skip
+    dev = w - w.mean(0, keepdims=True)  # (K, H, W): w_k - mean_j w_j over the maps drawn
+    top, span = max(float(w.max()), 1e-12), max(float(np.abs(dev).max()), 1e-12)
+    norm, dnorm = Normalize(0.0, top), Normalize(-span, span)
+    extent = (0, img.shape[1], img.shape[0], 0)  # every map stretched over the image
+    ys = (np.arange(size[0]) + 0.5) * img.shape[0] / size[0]
+    xs = (np.arange(size[1]) + 0.5) * img.shape[1] / size[1]
+    k_n = len(w)
     with plt.rc_context(STYLE):
-        fig, axes = plt.subplots(1, len(maps) + 1, figsize=(2.6 * (len(maps) + 1), 1.9), squeeze=False)  # fmt: skip
+        fig, axes = plt.subplots(2, k_n + 1, figsize=(2.6 * (k_n + 1), 3.9), squeeze=False)
         axes[0, 0].imshow(img)
         axes[0, 0].set_title("image")
-        for ax, k, cam in zip(axes[0, 1:], classes, maps):
-            top = float(cam.max())
-            ax.imshow(img, alpha=0.4)
-            im = ax.imshow(cam / top if top > 0 else cam, cmap="magma", vmin=0, vmax=1, extent=extent, alpha=0.8)  # fmt: skip
-            ax.set_title(f"CAM {CLASSES[k]} (max {top:.2f})")
-        for ax in axes[0]:
+        if lab is not None:
+            axes[1, 0].imshow(colorize(lab), interpolation="nearest", extent=extent)
+            axes[1, 0].set_title(labels_name)
+        for j, k in enumerate(classes):
+            up, down = axes[0, j + 1], axes[1, j + 1]
+            up.imshow(w[j], cmap="magma", norm=norm, extent=extent, interpolation="nearest")
+            down.imshow(dev[j], cmap="RdBu_r", norm=dnorm, extent=extent, interpolation="nearest")  # fmt: skip
+            title = f"w {CLASSES[k]} (max {float(w[j].max()):.1f})"
+            if lab is not None:
+                own = lab == k
+                if own.any():
+                    for ax in (up, down):
+                        ax.contour(xs, ys, own.astype(float), levels=[0.5], colors="#00e5ff", linewidths=0.9)  # fmt: skip
+                inside = float(w[j][own].mean()) if own.any() else float("nan")
+                outside = float(w[j][~own].mean()) if (~own).any() else float("nan")
+                title += f"\nmean in {inside:.1f} | out {outside:.1f}"
+            up.set_title(title, fontsize=8.5)
+            down.set_title(f"w {CLASSES[k]} − mean of the {k_n}", fontsize=8.5)
+        for ax in axes.flat:
             ax.axis("off")
-        fig.colorbar(im, ax=axes[0, 1:].tolist(), fraction=0.02, pad=0.01, label="ReLU(A_k) / max")
+        fig.colorbar(ScalarMappable(norm, "magma"), ax=axes[0, 1:].tolist(), fraction=0.02, pad=0.01, label="w = ReLU(A), one scale")  # fmt: skip
+        fig.colorbar(ScalarMappable(dnorm, "RdBu_r"), ax=axes[1, 1:].tolist(), fraction=0.02, pad=0.01, label="w_k − mean_j w_j")  # fmt: skip
+        fig.suptitle("CAM weights of the prototype update at label resolution, all classes on one colour scale" + (" (cyan: the class's region)" if lab is not None else ""), fontsize=9.5)  # fmt: skip
     return fig
 
 

@@ -44,16 +44,31 @@ def test_class_colour_compare_bars_are_the_distances_to_the_reference():
     plt.close(fig)
 
 
-def test_cam_maps_are_relu_and_scaled_by_their_maximum():
-    cams = torch.tensor([[[0.5, -1.0], [2.0, 1.0]], [[-3.0, -1.0], [-2.0, -0.5]]])  # (K, h, w)
-    fig = plots.plot_cam_maps(cams, _images(1)[0], classes=[0, 13])
+def test_cam_maps_share_one_scale_at_label_resolution():
+    cams = torch.tensor([[[0.5, -1.0], [2.0, 1.0]], [[-3.0, -1.0], [-2.0, -0.5]], [[4.0, 0.0], [0.0, 0.0]]])  # fmt: skip
+    labels = torch.full((4, 6), 255)
+    labels[:2] = 0  # class 0 on the top half; class 13 absent; class 2 bottom-left
+    labels[2:, :3] = 2
+    fig = plots.plot_cam_maps(cams, _images(1, 4, 6)[0], classes=[0, 13, 2], labels=labels)
     assert isinstance(fig, Figure)
-    panels = fig.axes[1:3]
-    assert panels[0].get_title() == f"CAM {CLASSES[0]} (max 2.00)"
-    heat = np.asarray(panels[0].images[1].get_array())
-    assert np.allclose(heat, [[0.25, 0.0], [1.0, 0.5]])  # ReLU, then / max
-    assert np.allclose(np.asarray(panels[1].images[1].get_array()), 0.0)  # all negative -> 0
-    assert "max 0.00" in panels[1].get_title()
+    maps = fig.axes[:8]  # 2 rows x 4 (image/labels + 3 classes), then the two colorbars
+    top, bottom = maps[1:4], maps[5:8]
+    # the weights the prototype update uses: ReLU, then bilinear to the label map (class_sums)
+    w = torch.nn.functional.interpolate(cams.relu()[None], size=(4, 6), mode="bilinear", align_corners=False)[0]  # fmt: skip
+    for ax, wk in zip(top, w):
+        assert np.allclose(np.asarray(ax.images[0].get_array()), wk.numpy(), atol=1e-6)
+    clims = {ax.images[0].get_clim() for ax in top}
+    assert clims == {(0.0, float(w.max()))}  # ONE colour scale for every class, not each own max
+    dev = (w - w.mean(0)).numpy()
+    for ax, dk in zip(bottom, dev):
+        assert np.allclose(np.asarray(ax.images[0].get_array()), dk, atol=1e-6)
+    span = float(np.abs(dev).max())
+    assert {ax.images[0].get_clim() for ax in bottom} == {(-span, span)}  # one symmetric scale
+    assert top[0].get_title().startswith(f"w {CLASSES[0]} (max {float(w[0].max()):.1f})")
+    inside, outside = float(w[0][:2].mean()), float(w[0][2:].mean())
+    assert f"mean in {inside:.1f} | out {outside:.1f}" in top[0].get_title()
+    assert np.allclose(np.asarray(top[1].images[0].get_array()), 0.0)  # all negative -> 0
+    assert "one colour scale" in fig._suptitle.get_text()
     plt.close(fig)
 
 

@@ -7,8 +7,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
-from matplotlib.colors import to_hex
+from matplotlib.colors import to_hex, to_rgb
 from matplotlib.figure import Figure
+from matplotlib.text import Text
 
 from confeti import plots
 from confeti.config import smoke
@@ -244,12 +245,34 @@ def test_tsne_legend_lists_what_is_drawn_and_labels_the_prototypes():
     plt.close(fig)
     fig = plots.plot_tsne({"a": (xy, lab, no_sty, np.zeros((0, 2))), "b": (xy, lab, no_sty, pxy)},
                           {"b": "score line"}, note="what the scores mean")  # fmt: skip
-    assert _legend_labels(fig.axes[0].get_legend()) == ["source", "target", "prototype"]
+    assert _legend_labels(fig.axes[0].get_legend()) == ["source", "target"]  # a draws no ★
+    assert _legend_labels(fig.axes[1].get_legend()) == ["source", "target", "prototype"]
     assert [t.get_text() for t in fig.axes[1].texts] == ["car"]  # the star is labelled
     assert fig.axes[1].get_xlabel() == "score line"
     assert "what the scores mean" in [t.get_text() for t in fig.texts]
     markers = {c.get_paths()[0].vertices.shape for c in fig.axes[0].collections}
     assert len(markers) == 2  # source and target are drawn with different marker shapes
+    plt.close(fig)
+
+
+def test_tsne_each_panel_legend_lists_its_own_markers_and_star_labels_do_not_overlap():
+    g = np.random.default_rng(1)
+    lab = np.tile(np.arange(19), 6)
+    xy = g.normal(size=(len(lab), 2))
+    three = np.array(["source", "stylized", "target"] * 38)
+    two = np.where(three == "stylized", "source", three)
+    pxy = np.full((19, 2), np.nan)
+    pxy[[2, 4, 5, 7, 11]] = (0.2, 0.1)  # five prototypes on one spot (person, building, ...)
+    pxy[[1, 9]] = [(1.0, 1.5), (1.05, 1.52)]  # sidewalk and terrain almost on one spot
+    pxy[[10, 6]] = [(-1.0, -1.0), (-0.98, -1.03)]  # sky and traffic light
+    fig = plots.plot_tsne({"a": (xy, lab, two, np.zeros((0, 2))), "b": (xy, lab, three, pxy)})
+    assert _legend_labels(fig.axes[0].get_legend()) == ["source", "target"]
+    assert _legend_labels(fig.axes[1].get_legend()) == ["source", "stylized", "target", "prototype"]  # fmt: skip
+    fig.canvas.draw()
+    boxes = [Text.get_window_extent(t) for t in fig.axes[1].texts]  # the name, not its leader
+    assert len(boxes) == 9
+    for i, a in enumerate(boxes):  # no two prototype names overlap
+        assert not any(a.overlaps(b) for b in boxes[i + 1 :])
     plt.close(fig)
 
 
@@ -265,7 +288,38 @@ def test_prototype_alignment_draws_margins_in_distinguishable_styles():
     assert sorted(t.get_text() for t in ax.texts) == sorted([*SHORT_NAMES, "mean"])  # end labels
     ys = sorted(t.get_position()[1] for t in ax.texts)
     assert min(np.diff(ys)) > 0  # moved apart: equal end values do not print on top of each other
+    by_label = {ln.get_label(): ln for ln in ax.lines}
+    for k, name in enumerate(SHORT_NAMES):  # the class's palette colour, as in every figure
+        assert to_hex(by_label[name].get_color()) == to_hex(plots.class_color(k))
+    for t in ax.texts:  # the leader shows the line's colour and dash; the name is readable
+        ln = by_label[t.get_text()]
+        assert to_hex(t.arrow_patch.get_edgecolor()) == to_hex(ln.get_color())
+        assert t.arrow_patch.get_linestyle() == ln.get_linestyle()
+        assert _contrast_on_white(t.get_color()) >= 4.5
     plt.close(fig)
+
+
+def _contrast_on_white(color):
+    rgb = np.array(to_rgb(color))
+    lin = np.where(rgb <= 0.04045, rgb / 12.92, ((rgb + 0.055) / 1.055) ** 2.4)
+    return 1.05 / (float(lin @ [0.2126, 0.7152, 0.0722]) + 0.05)
+
+
+def test_class_frequencies_tick_names_are_black_over_palette_swatches():
+    f = np.full(19, 1 / 19)
+    fig = plots.plot_class_frequencies(f, f)
+    ax = fig.axes[0]
+    ticks = ax.get_xticklabels()
+    assert [t.get_text() for t in ticks] == list(CLASSES)
+    assert all(_contrast_on_white(t.get_color()) >= 4.5 for t in ticks)  # no yellow on white
+    (swatches,) = [c for c in ax.collections if len(c.get_offsets()) == 19]
+    assert [to_hex(c) for c in swatches.get_facecolors()] == [to_hex(plots.class_color(k)) for k in range(19)]  # fmt: skip
+    plt.close(fig)
+
+
+def test_readable_color_darkens_only_what_is_too_light():
+    assert _contrast_on_white(plots.readable_color(plots.class_color(7))) >= 4.5  # traffic sign
+    assert plots.readable_color("#000080") == pytest.approx(to_rgb("#000080"))  # already dark
 
 
 # ---- confeti.figures on finished runs ---------------------------------------------------------
