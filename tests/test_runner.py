@@ -13,6 +13,18 @@ def _cfg(iters=6, **kw):
     return build_config("smoke", iters=iters, overrides=[f"{k}={v}" for k, v in kw.items()])
 
 
+def _train_first(n, cfg, method, data, out):
+    """Train only the first ``n`` iterations of the run (its first phase), as if interrupted."""
+    from confeti import runner
+
+    orig = runner.phases
+    runner.phases = lambda c, m: [(k, a, min(b, a + n)) for k, a, b in orig(c, m)][:1]
+    try:
+        train(cfg, method, data, out, progress=False)
+    finally:
+        runner.phases = orig
+
+
 def _weights(run):
     return torch.load(run / "checkpoint.pt", weights_only=True)["model"]
 
@@ -33,14 +45,7 @@ def test_resume_is_bit_for_bit(toy, tmp_path):
     # stop after 3 iterations by training a copy whose loop ends there, then resume
     import dataclasses
 
-    from confeti import runner
-
-    orig = runner.phases
-    runner.phases = lambda c, m: [(n, a, min(b, a + 3)) for n, a, b in orig(c, m)][:1]
-    try:
-        train(half, "confeti", toy, tmp_path / "split", progress=False)
-    finally:
-        runner.phases = orig
+    _train_first(3, half, "confeti", toy, tmp_path / "split")
     train(
         dataclasses.replace(half), "confeti", toy, tmp_path / "split", resume=True, progress=False
     )
@@ -186,15 +191,8 @@ def test_data_cache_and_cpu_seeding_leave_the_run_unchanged(toy, tmp_path, monke
 def test_summary_seconds_cover_every_call_of_a_resumed_run(toy, tmp_path):
     """summary.json's seconds add the calls before a resume (recorded in the checkpoint); a
     checkpoint without that record says the total is incomplete instead of under-reporting."""
-    from confeti import runner
-
     cfg = _cfg(iters=6, ckpt_every=3)
-    orig = runner.phases
-    runner.phases = lambda c, m: [(n, a, min(b, a + 3)) for n, a, b in orig(c, m)][:1]
-    try:
-        train(cfg, "source_only", toy, tmp_path / "r", progress=False)
-    finally:
-        runner.phases = orig
+    _train_first(3, cfg, "source_only", toy, tmp_path / "r")
     ck = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)
     assert ck["iteration"] == 3 and ck["seconds"] > 0
     first = ck["seconds"]
