@@ -109,6 +109,9 @@ class Config:
     cam_weight: float = 1.0
     psc_weight: float = 0.1
     psc_judge: str = "student"  # student (paper code) | teacher (follow-up, normalised, /tau)
+    # step 10, the contrast (and its regulariser) on the target with the pseudo-labels; False
+    # ablates that one term (a diagnostic: the official code always has it)
+    target_contrast: bool = True
 
     # ---- warm-up gates (iterations) -----------------------------------------------------------
     proto_warmup_iters: int = 3000  # prototypes from pasted source only, uniform weights

@@ -40,12 +40,15 @@ def _refuse_other_configs(jobs, cfg) -> None:
     reused or resumed silently: stop and name it, and the fields that differ."""
     import json
 
+    from .runner import with_defaults
+
     want = json.loads(json.dumps(cfg.to_dict()))  # tuples -> lists, as in config.json
     for j in jobs:
         f = j.out / "config.json"
         if not f.exists():
             continue
         have = json.loads(f.read_text())
+        have["config"] = with_defaults(have.get("config", {}))  # fields added since: defaults
         diff = sorted(k for k in want.keys() | have.get("config", {}).keys()
                       if want.get(k) != have.get("config", {}).get(k))  # fmt: skip
         if have.get("method") != j.method or diff:

@@ -396,6 +396,14 @@ def phases(cfg: Config, method: str) -> list[tuple[str, int, int]]:
     return out
 
 
+def with_defaults(config: dict) -> dict:
+    """A config.json's fields with the defaults of fields added since it was written (their
+    defaults keep the old behaviour), as JSON values; unknown fields are kept as they are, so
+    such a file never compares equal to a current config."""
+    full = Config().to_dict()
+    return json.loads(json.dumps({**{k: v for k, v in full.items() if k not in config}, **config}))
+
+
 def _prepare_out(out: Path, cfg: Config, method: str, resume: bool, overwrite: bool) -> None:
     meta = {"method": method, "config": cfg.to_dict()}
     cfg_file = out / "config.json"
@@ -406,6 +414,7 @@ def _prepare_out(out: Path, cfg: Config, method: str, resume: bool, overwrite: b
                 "to replace it"
             )
         old = json.loads(cfg_file.read_text())
+        old["config"] = with_defaults(old.get("config", {}))
         # compare through JSON, where tuples and lists are the same thing
         same = json.dumps(old, sort_keys=True) == json.dumps(meta, sort_keys=True)
         if not same:

@@ -644,7 +644,9 @@ def phase_target_contrast(state: TrainState, ctx: StepContext) -> None:
     Shape: x_t (B, 3, H, W) -> features (B, F, h, w); y_t_hat (B, H, W).
     """
     p = state.parts
-    tgt_contrast = p.contrast and (state.train_style or not p.selftrain)
+    tgt_contrast = (
+        p.contrast and state.cfg.target_contrast and (state.train_style or not p.selftrain)
+    )
     if tgt_contrast and ctx.t > state.cfg.contrast_start and ctx.protos_ready:
         with ctx.autocast:
             f_tgt = state.student.features(ctx.x_t)

@@ -223,3 +223,26 @@ def test_code_commit_is_read_once_per_process(monkeypatch):
 
     monkeypatch.setattr(subprocess, "run", moved)
     assert runner.code_commit() == first
+
+
+def test_target_contrast_switch_and_config_of_an_older_version_resumes(toy, tmp_path):
+    """``target_contrast=False`` drops exactly the target term (no pc_tgt rows); a config.json
+    written before that field existed resumes (the field's default keeps the old behaviour)."""
+    rows = {}
+    for on in (True, False):
+        run = tmp_path / f"tc{on}"
+        train(_cfg(iters=10, log_every=1, target_contrast=on), "contrast", toy, run, progress=False)
+        rows[on] = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("pc_tgt" in r for r in rows[True]) and not any("pc_tgt" in r for r in rows[False])
+    assert any("pc_src" in r for r in rows[False])  # the source contrast stays
+    cfg = _cfg(iters=6, ckpt_every=3)
+    _train_first(3, cfg, "source_only", toy, tmp_path / "old")
+    f = tmp_path / "old" / "config.json"
+    meta = json.loads(f.read_text())
+    del meta["config"]["target_contrast"]  # as written before the field was added
+    f.write_text(json.dumps(meta))
+    train(cfg, "source_only", toy, tmp_path / "old", resume=True, progress=False)
+    meta["config"]["no_such_field"] = 1  # a file of another version is still refused
+    f.write_text(json.dumps(meta))
+    with pytest.raises(RunError, match="another method or config"):
+        train(cfg, "source_only", toy, tmp_path / "old", resume=True, progress=False)
