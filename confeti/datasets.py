@@ -147,12 +147,12 @@ class _SegDataset(torch.utils.data.Dataset):
             raise _layout_error(f"empty split {self.split!r}: no images", img_dir, self.LAYOUT)
         return [(images[k], labels[k]) for k in sorted(images)]
 
-    def check(self) -> None:
+    def check(self, progress: bool = True) -> None:
         """Validate every pair from the PNG headers only (sizes, readability); no decoding.
 
         The full decode of every file (truncation, label values) is ``datacheck.verify``."""
         bar = tqdm(self.pairs, desc=f"checking {self.root}", leave=False,
-                   disable=len(self.pairs) < 2000)  # fmt: skip
+                   disable=not progress or len(self.pairs) < 2000)  # fmt: skip
         for img, lab in bar:
             sizes = []
             for path in (img, lab):
@@ -336,7 +336,7 @@ class SynthiaDataset(_SegDataset):
         labels = {p.stem: p for p in lab_dir.glob("*.png")}
         return self._pair(images, labels, img_dir, lab_dir)
 
-    def check(self) -> None:
+    def check(self, progress: bool = True) -> None:
         """Also: every label must be a 16-bit PNG (bit depth read from the IHDR header)."""
         super().check()
         for _, lab in self.pairs:

@@ -264,7 +264,7 @@ def build_data(
         raise_if_bad([verify(ds, progress=progress) for ds in (source, target, val)])
     else:
         for ds in (source, target, val):
-            ds.check()
+            ds.check(progress=progress)
     for name, ds in (("source", source), ("target", target)):
         h, w = ds.image_size(0)
         if cfg.crop_size[0] > h or cfg.crop_size[1] > w:
