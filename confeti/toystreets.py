@@ -138,18 +138,23 @@ GAP_KNOBS = (*(f"{k}_gap" for k in (*APPEARANCE_PARTS, *CONTENT_PARTS)), "within
 def gap_knobs(**knobs) -> dict:
     """The knobs of the gap's parts, defaults filled in and checked: ``colour_gap``,
     ``texture_gap``, ``lighting_gap``, ``sensor_gap`` (appearance), ``layout_gap``,
-    ``frequency_gap``, ``scale_gap`` (content), each in [0, 1] (default 1), and ``within_class``
-    in [0, 1] (default 0): the city's objects of one class get colours that differ by up to
-    that fraction per channel, so colour stops being a class label that a generator can map
-    back one to one."""
+    ``frequency_gap``, ``scale_gap`` (content), each default 1, and ``within_class`` in [0, 1]
+    (default 0): the city's objects of one class get colours that differ by up to that fraction
+    per channel, so colour stops being a class label that a generator can map back one to one.
+
+    Content parts lie in [0, 1]. An appearance part may exceed 1, which strengthens it beyond
+    the default benchmark, up to the extreme city look of the tables above, reached at
+    ``1 / APPEARANCE_STRENGTH``."""
     bad = set(knobs) - set(GAP_KNOBS)
     if bad:
         raise ValueError(f"unknown ToyStreets knob(s) {sorted(bad)}; expected among {GAP_KNOBS}")
     out = {k: 0.0 if k == "within_class" else 1.0 for k in GAP_KNOBS}
     out.update({k: float(v) for k, v in knobs.items()})
+    top = {f"{k}_gap": 1.0 / APPEARANCE_STRENGTH for k in APPEARANCE_PARTS}
     for k, v in out.items():
-        if not 0.0 <= v <= 1.0:
-            raise ValueError(f"ToyStreets knob {k}={v} must lie in [0, 1]")
+        hi = top.get(k, 1.0)
+        if not 0.0 <= v <= hi + 1e-9:
+            raise ValueError(f"ToyStreets knob {k}={v} must lie in [0, {hi:.4g}]")
     return out
 
 
@@ -168,7 +173,7 @@ def domain_params(domain: str, appearance_gap: float = 1.0, content_gap: float =
     city = domain == "city"
     a = APPEARANCE_STRENGTH * float(appearance_gap) if city else 0.0
     c = float(content_gap) if city else 0.0
-    a_part = {k: a * g[f"{k}_gap"] for k in APPEARANCE_PARTS}
+    a_part = {k: min(a * g[f"{k}_gap"], 1.0) for k in APPEARANCE_PARTS}  # 1 = the extreme look
     c_part = {k: c * g[f"{k}_gap"] for k in CONTENT_PARTS}
     part_of = {key: part for part, keys in (*APPEARANCE_PARTS.items(), *CONTENT_PARTS.items())
                for key in keys}  # fmt: skip

@@ -88,8 +88,24 @@ def test_gap_knobs_name_the_bad_knob_and_range():
     assert gap_knobs()["colour_gap"] == 1.0 and gap_knobs()["within_class"] == 0.0
     with pytest.raises(ValueError, match="colour_gaps"):
         gap_knobs(colour_gaps=0.5)
-    with pytest.raises(ValueError, match=r"texture_gap=1.5 must lie in \[0, 1\]"):
-        gap_knobs(texture_gap=1.5)
+    with pytest.raises(ValueError, match=r"layout_gap=1.5 must lie in \[0, 1\]"):
+        gap_knobs(layout_gap=1.5)
+    with pytest.raises(ValueError, match=r"texture_gap=4.0 must lie in \[0, 3.333\]"):
+        gap_knobs(texture_gap=4)
+
+
+def test_an_appearance_part_above_one_moves_towards_the_extreme_look_and_stops_there():
+    from confeti.toystreets import _LOOK, APPEARANCE_STRENGTH, domain_params
+
+    top = 1.0 / APPEARANCE_STRENGTH
+    base, mid = domain_params("city")["look"], domain_params("city", sensor_gap=2.0)["look"]
+    far = domain_params("city", sensor_gap=top)["look"]
+    for k in ("noise", "blur", "vignette"):
+        game, city = _LOOK["game"][k], _LOOK["city"][k]
+        assert base[k] == pytest.approx(game + (city - game) * APPEARANCE_STRENGTH)
+        assert mid[k] == pytest.approx(game + (city - game) * 2 * APPEARANCE_STRENGTH)
+        assert far[k] == pytest.approx(city)  # the extreme look, not beyond it
+    assert far["sat"] == base["sat"]  # colour untouched
 
 
 def test_each_part_of_the_gap_moves_only_its_own_values():
