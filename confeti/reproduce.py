@@ -1,6 +1,7 @@
 """``make reproduce``: the whole toy pipeline in one command, reusing whatever is finished.
 
-1. generate ToyStreets (skipped if ``DATA/toystreets.json`` exists);
+1. generate ToyStreets (skipped if ``DATA/toystreets.json`` exists; a folder of another
+   ToyStreets version, or runs trained on another folder, are refused by name);
 2. train the toy runs the figures need (source-only, style, contrast, CONFETI; a finished run,
    one with ``eval.json``, is reused, an interrupted one is resumed), as two processes of one
    thread each with the CUT pre-training shared (``experiments.run_jobs``);
@@ -58,6 +59,40 @@ def _refuse_other_configs(jobs, cfg) -> None:
                              "move it away or pass --runs DIR to train the current preset")  # fmt: skip
 
 
+def _check_benchmark(data: Path, runs: Path) -> None:
+    """Never mix benchmarks silently: the data folder must be the ToyStreets version this code
+    generates, and finished runs must have been trained on this very data folder (the
+    SHA-256 of its ``toystreets.json``, recorded in ``RUNS/benchmark.json``)."""
+    import hashlib
+    import json
+
+    from .toystreets import VERSION
+
+    summary = data / "toystreets.json"
+    have = json.loads(summary.read_text()).get("version", 1)
+    if have != VERSION:
+        raise SystemExit(f"reproduce: {summary} is ToyStreets version {have}, and this code "
+                         f"generates version {VERSION} (the benchmark's defaults changed); "
+                         f"delete {data} so that make reproduce regenerates it, or pass "
+                         "DATA=DIR")  # fmt: skip
+    digest = hashlib.sha256(summary.read_bytes()).hexdigest()
+    stamp = runs / "benchmark.json"
+    if stamp.exists():
+        recorded = json.loads(stamp.read_text()).get("toystreets_sha256")
+        if recorded != digest:
+            raise SystemExit(f"reproduce: the runs in {runs} were trained on another ToyStreets "
+                             f"than {data} ({stamp} records another toystreets.json); move "
+                             "them away or pass RUNS=DIR")  # fmt: skip
+        return
+    finished = sorted(p.parent.name for p in runs.glob("*/eval.json"))
+    if finished:
+        raise SystemExit(f"reproduce: {runs} holds finished runs ({', '.join(finished)}) without "
+                         f"a record of the ToyStreets they were trained on ({stamp}); move "
+                         "them away or pass RUNS=DIR")  # fmt: skip
+    runs.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(json.dumps({"toystreets_sha256": digest, "data": str(data)}, indent=1))
+
+
 def reproduce(
     data="data/toystreets", runs="runs", figures="figures", preset="toy", notebooks_dir="notebooks"
 ) -> None:
@@ -81,6 +116,7 @@ def reproduce(
     jobs = [Job(m, m, runs / preset / m, cfg.iters, cfg.seed, cut_cache=runs / preset / "cut_cache")
             for m in FIGURE_RUNS]  # fmt: skip
     _refuse_other_configs(jobs, cfg)
+    _check_benchmark(data, runs / preset)
     todo = [j.name for j in jobs if not j.done()]
     t0 = _step(2, n, f"train {', '.join(FIGURE_RUNS)} ({preset} preset, {cfg.iters} iterations) "
                f"-> {runs / preset}/; finished runs reused: {len(jobs) - len(todo)}")  # fmt: skip

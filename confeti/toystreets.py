@@ -26,6 +26,9 @@ from PIL import Image
 
 from .labels import LABEL_ID_OF_TRAIN_ID, NUM_CLASSES, PALETTE
 
+# Bumped whenever the default benchmark changes (recorded in toystreets.json; a folder without
+# it is version 1): `make reproduce` refuses data and runs of another version.
+VERSION = 1
 DOMAINS = ("game", "city")
 (ROAD, SIDEWALK, BUILDING, WALL, FENCE, POLE, LIGHT, SIGN, VEG, TERRAIN, SKY) = range(11)
 (PERSON, RIDER, CAR, TRUCK, BUS, TRAIN, MOTO, BIKE) = range(11, 19)
@@ -691,7 +694,7 @@ def write_toystreets(out, n_source=2000, n_target_train=1000, n_target_val=300, 
             bar.update()
     bar.close()
     summary = dict(
-        seed=seed, height=height, width=width, appearance_gap=appearance_gap,
+        version=VERSION, seed=seed, height=height, width=width, appearance_gap=appearance_gap,
         content_gap=content_gap, **knobs, n_source=n_source, n_target_train=n_target_train,
         n_target_val=n_target_val, label_id_pixels={},
     )  # fmt: skip

@@ -278,6 +278,7 @@ def test_reproduce_executes_the_notebooks_in_place_with_the_full_run_environment
     data, runs, nbdir = tmp_path / "data", tmp_path / "runs", tmp_path / "notebooks"
     data.mkdir()
     (data / "toystreets.json").write_text("{}")
+    reproduce._check_benchmark(data, runs / "toy")  # the record a first reproduce writes
     for m in reproduce.FIGURE_RUNS:
         (runs / "toy" / m).mkdir(parents=True)
         (runs / "toy" / m / "eval.json").write_text(json.dumps({"miou": 1.0}))
@@ -308,6 +309,36 @@ def test_reproduce_refuses_a_finished_run_of_another_config(tmp_path):
     (out / "eval.json").write_text(json.dumps({"miou": 1.0}))
     with pytest.raises(SystemExit, match=r"confeti holds a run of another config \(iters"):
         reproduce.reproduce(data, runs, tmp_path / "figures", notebooks_dir=tmp_path / "nb")
+
+
+def test_reproduce_refuses_data_of_another_toystreets_version(tmp_path, monkeypatch):
+    from confeti import reproduce, toystreets
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "toystreets.json").write_text(json.dumps({"version": toystreets.VERSION}))
+    reproduce._check_benchmark(data, tmp_path / "runs")  # the current version passes
+    monkeypatch.setattr(toystreets, "VERSION", toystreets.VERSION + 1)
+    with pytest.raises(SystemExit, match=r"toystreets.json is ToyStreets version \d+, and this"):
+        reproduce._check_benchmark(data, tmp_path / "runs")
+
+
+def test_reproduce_refuses_runs_trained_on_another_toystreets(tmp_path):
+    from confeti import reproduce
+
+    a, b, runs = tmp_path / "a", tmp_path / "b", tmp_path / "runs" / "toy"
+    for d, seed in ((a, 0), (b, 1)):
+        d.mkdir()
+        (d / "toystreets.json").write_text(json.dumps({"seed": seed}))
+    reproduce._check_benchmark(a, runs)  # first use: recorded
+    reproduce._check_benchmark(a, runs)  # same data: fine
+    with pytest.raises(SystemExit, match="trained on another ToyStreets"):
+        reproduce._check_benchmark(b, runs)
+    (runs / "benchmark.json").unlink()  # finished runs without a record are refused too
+    (runs / "confeti").mkdir()
+    (runs / "confeti" / "eval.json").write_text("{}")
+    with pytest.raises(SystemExit, match=r"finished runs \(confeti\) without a record"):
+        reproduce._check_benchmark(a, runs)
 
 
 def test_reproduce_trains_the_figure_runs_in_parallel_sharing_phase_0(toy, tmp_path, monkeypatch):
