@@ -98,10 +98,10 @@ _CONTENT = {
 
 
 # The tables above describe an extreme city look; the full appearance gap (appearance_gap=1)
-# goes this fraction of the way there. Calibrated with a small FCN (64x128, 1,500 steps): source-
-# only reaches ~50% of the oracle's target mIoU at 0.3 (66% at 0.2, 34% at 0.35, 11% at 0.6),
-# so the gap is large but a model still transfers enough for adaptation to build on.
-APPEARANCE_STRENGTH = 0.3
+# goes this fraction of the way there, per part of the look (APPEARANCE_PARTS below). Version 1
+# used 0.3 for every part, chosen with a small FCN (64x128, 1,500 steps).
+APPEARANCE_STRENGTH = {"colour": 0.3, "texture": 0.3, "lighting": 0.3, "sensor": 0.3}
+WITHIN_CLASS = 0.0  # the default within-class colour variation of the city (gap_knobs)
 
 
 def _lerp(a, b, t):
@@ -147,13 +147,13 @@ def gap_knobs(**knobs) -> dict:
 
     Content parts lie in [0, 1]. An appearance part may exceed 1, which strengthens it beyond
     the default benchmark, up to the extreme city look of the tables above, reached at
-    ``1 / APPEARANCE_STRENGTH``."""
+    ``1 / APPEARANCE_STRENGTH[part]``."""
     bad = set(knobs) - set(GAP_KNOBS)
     if bad:
         raise ValueError(f"unknown ToyStreets knob(s) {sorted(bad)}; expected among {GAP_KNOBS}")
-    out = {k: 0.0 if k == "within_class" else 1.0 for k in GAP_KNOBS}
+    out = {k: WITHIN_CLASS if k == "within_class" else 1.0 for k in GAP_KNOBS}
     out.update({k: float(v) for k, v in knobs.items()})
-    top = {f"{k}_gap": 1.0 / APPEARANCE_STRENGTH for k in APPEARANCE_PARTS}
+    top = {f"{k}_gap": 1.0 / APPEARANCE_STRENGTH[k] for k in APPEARANCE_PARTS}
     for k, v in out.items():
         hi = top.get(k, 1.0)
         if not 0.0 <= v <= hi + 1e-9:
@@ -174,9 +174,10 @@ def domain_params(domain: str, appearance_gap: float = 1.0, content_gap: float =
         raise ValueError("appearance_gap and content_gap must lie in [0, 1]")
     g = gap_knobs(**knobs)
     city = domain == "city"
-    a = APPEARANCE_STRENGTH * float(appearance_gap) if city else 0.0
+    a = float(appearance_gap) if city else 0.0
     c = float(content_gap) if city else 0.0
-    a_part = {k: min(a * g[f"{k}_gap"], 1.0) for k in APPEARANCE_PARTS}  # 1 = the extreme look
+    a_part = {k: min(APPEARANCE_STRENGTH[k] * a * g[f"{k}_gap"], 1.0)  # 1 = the extreme look
+              for k in APPEARANCE_PARTS}  # fmt: skip
     c_part = {k: c * g[f"{k}_gap"] for k in CONTENT_PARTS}
     part_of = {key: part for part, keys in (*APPEARANCE_PARTS.items(), *CONTENT_PARTS.items())
                for key in keys}  # fmt: skip

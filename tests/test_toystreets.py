@@ -83,27 +83,29 @@ def test_domains_differ_and_knobs_remove_the_gap():
 
 # ---- the gap's parts (the knobs the benchmark's calibration turns) ------------------------------
 def test_gap_knobs_name_the_bad_knob_and_range():
-    from confeti.toystreets import gap_knobs
+    from confeti.toystreets import APPEARANCE_STRENGTH, gap_knobs
 
     assert gap_knobs()["colour_gap"] == 1.0 and gap_knobs()["within_class"] == 0.0
     with pytest.raises(ValueError, match="colour_gaps"):
         gap_knobs(colour_gaps=0.5)
     with pytest.raises(ValueError, match=r"layout_gap=1.5 must lie in \[0, 1\]"):
         gap_knobs(layout_gap=1.5)
-    with pytest.raises(ValueError, match=r"texture_gap=4.0 must lie in \[0, 3.333\]"):
-        gap_knobs(texture_gap=4)
+    top = 1 / APPEARANCE_STRENGTH["texture"]
+    with pytest.raises(ValueError, match=rf"texture_gap={top + 1} must lie in \[0, {top:.4g}\]"):
+        gap_knobs(texture_gap=top + 1)
 
 
 def test_an_appearance_part_above_one_moves_towards_the_extreme_look_and_stops_there():
     from confeti.toystreets import _LOOK, APPEARANCE_STRENGTH, domain_params
 
-    top = 1.0 / APPEARANCE_STRENGTH
+    strength = APPEARANCE_STRENGTH["sensor"]
+    top = 1.0 / strength
     base, mid = domain_params("city")["look"], domain_params("city", sensor_gap=2.0)["look"]
     far = domain_params("city", sensor_gap=top)["look"]
     for k in ("noise", "blur", "vignette"):
         game, city = _LOOK["game"][k], _LOOK["city"][k]
-        assert base[k] == pytest.approx(game + (city - game) * APPEARANCE_STRENGTH)
-        assert mid[k] == pytest.approx(game + (city - game) * 2 * APPEARANCE_STRENGTH)
+        assert base[k] == pytest.approx(game + (city - game) * strength)
+        assert mid[k] == pytest.approx(game + (city - game) * min(2 * strength, 1.0))
         assert far[k] == pytest.approx(city)  # the extreme look, not beyond it
     assert far["sat"] == base["sat"]  # colour untouched
 
