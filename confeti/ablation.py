@@ -43,6 +43,33 @@ def run_dir(out: str | Path, method: str, seed: int) -> Path:
     return Path(out) / method.replace("+", "_") / f"seed{seed}"
 
 
+# Student's t quantile t_{0.975, dof} for the 95 % interval of a mean of dof + 1 seeds
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def interval95(values) -> tuple[float, float] | None:
+    """The 95 % confidence interval of the mean of ``values`` (one per seed), assuming they are
+    normal: mean ± t_{0.975, n-1} · s / √n with s the sample std (ddof = 1). None below 2 values."""
+    x = np.asarray(values, float)
+    n = len(x)
+    if n < 2:
+        return None
+    t = _T975.get(n - 1, 1.96)  # 1.96: the normal limit, within 2 % of t from 60 seeds on
+    half = t * x.std(ddof=1) / np.sqrt(n)
+    return float(x.mean() - half), float(x.mean() + half)
+
+
+def gap_closed(res: dict) -> dict[str, float]:
+    """Per method, the share of the source-only -> oracle gap its mean closes, in percent:
+    100 (m - source_only) / (oracle - source_only); empty without both ends."""
+    if "source_only" not in res or "oracle" not in res:
+        return {}
+    lo, hi = res["source_only"]["miou_mean"], res["oracle"]["miou_mean"]
+    if hi <= lo:
+        return {}
+    return {m: round(100.0 * (r["miou_mean"] - lo) / (hi - lo), 1) for m, r in res.items()}
+
+
 def collect(out: str | Path, methods=ABLATION_METHODS, seeds: int = 3) -> dict:
     """Read every finished run's eval.json/summary.json into {method: {...}}."""
     res = {}
@@ -74,7 +101,10 @@ def collect(out: str | Path, methods=ABLATION_METHODS, seeds: int = 3) -> dict:
             "runs": runs,
             "iou_mean": {c: (None if np.isnan(v) else round(v, 2)) for c, v in per_class.items()},
             "seconds_mean": round(float(np.mean([r["seconds"] or 0 for r in runs])), 1),
+            "ci95": None if (ci := interval95(mious)) is None else [round(v, 2) for v in ci],
         }
+    for m, g in gap_closed(res).items():
+        res[m]["gap_closed_percent"] = g
     return res
 
 
@@ -82,13 +112,17 @@ def markdown_table(res: dict) -> str:
     """mIoU mean ± std per method, then per-class IoU means."""
     short = SHORT_NAMES  # t.light, t.sign, ... (a plain [:5] made two 'traff' columns)
     lines = [
-        "| method | mIoU (mean ± std) | seeds | s/run |",
-        "|---|---|---|---|",
+        "| method | mIoU (mean ± std) | 95 % interval | gap closed | seeds | s/run |",
+        "|---|---|---|---|---|---|",
     ]
     for m, r in res.items():
+        ci = r.get("ci95")
+        ci_s = "–" if ci is None else f"{ci[0]:.1f} – {ci[1]:.1f}"
+        g = r.get("gap_closed_percent")
+        g_s = "–" if g is None else f"{g:.0f} %"
         lines.append(
-            f"| {m} | {r['miou_mean']:.1f} ± {r['miou_std']:.1f} | {r['seeds']} | "
-            f"{r['seconds_mean']:.0f} |"
+            f"| {m} | {r['miou_mean']:.1f} ± {r['miou_std']:.1f} | {ci_s} | {g_s} | "
+            f"{r['seeds']} | {r['seconds_mean']:.0f} |"
         )
     lines += ["", "| method | " + " | ".join(short) + " |", "|---" * (len(CLASSES) + 1) + "|"]
     for m, r in res.items():

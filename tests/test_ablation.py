@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from confeti import runner
@@ -56,3 +57,25 @@ def test_two_jobs_give_the_runs_of_one_and_resume_an_interrupted_run(toy, tmp_pa
     status = {m: json.loads((run_dir(one, m, 0) / "summary.json").read_text()) for m in METHODS}
     assert sorted(s["cut_pretrain"] for s in status.values()) == ["reused", "stored"]
     assert (two / "logs" / "style_seed0.log").exists()
+
+
+def test_interval_gap_closed_and_table_from_finished_runs(tmp_path):
+    from confeti.ablation import collect, interval95, markdown_table, run_dir
+    from confeti.labels import CLASSES
+
+    assert interval95([40.0]) is None
+    lo, hi = interval95([40.0, 42.0, 44.0])  # mean 42, s = 2, t(0.975, 2) = 4.303
+    assert lo == pytest.approx(42 - 4.303 * 2 / 3**0.5) and hi == pytest.approx(84 - lo)
+    scores = {"source_only": (30, 32, 34), "oracle": (60, 60, 60), "confeti": (45, 47, 49)}
+    for m, xs in scores.items():
+        for s, x in enumerate(xs):
+            d = run_dir(tmp_path, m, s)
+            d.mkdir(parents=True)
+            (d / "eval.json").write_text(json.dumps({"miou": x, "iou": dict.fromkeys(CLASSES, x)}))
+    res = collect(tmp_path, methods=tuple(scores), seeds=3)
+    assert res["confeti"]["gap_closed_percent"] == pytest.approx(
+        100 * (47 - 32) / (60 - 32), abs=0.05
+    )
+    assert res["oracle"]["ci95"] == [60.0, 60.0] and res["source_only"]["gap_closed_percent"] == 0
+    table = markdown_table(res)
+    assert "| confeti | 47.0 ± 2.0 | 42.0 – 52.0 | 54 % | 3 |" in table
