@@ -100,7 +100,7 @@ _CONTENT = {
 # The tables above describe an extreme city look; the full appearance gap (appearance_gap=1)
 # goes this fraction of the way there, per part of the look (APPEARANCE_PARTS below). Version 1
 # used 0.3 for every part, chosen with a small FCN (64x128, 1,500 steps).
-APPEARANCE_STRENGTH = {"colour": 0.3, "texture": 0.3, "lighting": 0.3, "sensor": 0.3}
+APPEARANCE_STRENGTH = {"colour": 0.3, "tone": 0.3, "texture": 0.3, "lighting": 0.3, "sensor": 0.3}
 WITHIN_CLASS = 0.0  # the default within-class colour variation of the city (gap_knobs)
 
 
@@ -111,7 +111,8 @@ def _lerp(a, b, t):
 # The gap's parts, each a knob in [0, 1] that scales its share of the full gap (1 = the default
 # benchmark, 0 = the city takes the game's values for that part).
 APPEARANCE_PARTS = {
-    "colour": ("sat", "contrast", "gamma", "cast"),  # + per-class materials, car paints, clothes
+    "colour": (),  # per-class material colours, car paints and clothes
+    "tone": ("sat", "contrast", "gamma", "cast"),  # the global colour grade of the camera
     "texture": (),  # per-class fine grain and blotchy noise (tex_fine, tex_blob)
     "lighting": ("shadow", "sun"),
     "sensor": ("noise", "blur", "vignette"),

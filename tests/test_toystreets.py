@@ -116,7 +116,11 @@ def test_each_part_of_the_gap_moves_only_its_own_values():
     game, city = domain_params("game"), domain_params("city")
     no_colour = domain_params("city", colour_gap=0.0)
     assert np.allclose(no_colour["materials"]["sky"], game["materials"]["sky"])
-    assert np.allclose(no_colour["look"]["sat"], game["look"]["sat"])
+    assert np.allclose(no_colour["look"]["sat"], city["look"]["sat"])  # the tone stays
+    no_tone = domain_params("city", tone_gap=0.0)
+    assert np.allclose(no_tone["look"]["sat"], game["look"]["sat"])
+    assert np.allclose(no_tone["look"]["cast"], game["look"]["cast"])
+    assert np.allclose(no_tone["materials"]["sky"], city["materials"]["sky"])
     assert np.allclose(no_colour["look"]["noise"], city["look"]["noise"])  # the sensor stays
     assert np.allclose(no_colour["tex_fine"], city["tex_fine"])  # and the texture
     no_tex = domain_params("city", texture_gap=0.0)
