@@ -83,9 +83,9 @@ def test_domains_differ_and_knobs_remove_the_gap():
 
 # ---- the gap's parts (the knobs the benchmark's calibration turns) ------------------------------
 def test_gap_knobs_name_the_bad_knob_and_range():
-    from confeti.toystreets import APPEARANCE_STRENGTH, gap_knobs
+    from confeti.toystreets import APPEARANCE_STRENGTH, WITHIN_CLASS, gap_knobs
 
-    assert gap_knobs()["colour_gap"] == 1.0 and gap_knobs()["within_class"] == 0.0
+    assert gap_knobs()["colour_gap"] == 1.0 and gap_knobs()["within_class"] == WITHIN_CLASS
     with pytest.raises(ValueError, match="colour_gaps"):
         gap_knobs(colour_gaps=0.5)
     with pytest.raises(ValueError, match=r"layout_gap=1.5 must lie in \[0, 1\]"):
@@ -100,12 +100,13 @@ def test_an_appearance_part_above_one_moves_towards_the_extreme_look_and_stops_t
 
     strength = APPEARANCE_STRENGTH["sensor"]
     top = 1.0 / strength
-    base, mid = domain_params("city")["look"], domain_params("city", sensor_gap=2.0)["look"]
+    half = (1 + top) / 2  # halfway between the default and the extreme look
+    base, mid = domain_params("city")["look"], domain_params("city", sensor_gap=half)["look"]
     far = domain_params("city", sensor_gap=top)["look"]
     for k in ("noise", "blur", "vignette"):
         game, city = _LOOK["game"][k], _LOOK["city"][k]
         assert base[k] == pytest.approx(game + (city - game) * strength)
-        assert mid[k] == pytest.approx(game + (city - game) * min(2 * strength, 1.0))
+        assert mid[k] == pytest.approx(game + (city - game) * half * strength)
         assert far[k] == pytest.approx(city)  # the extreme look, not beyond it
     assert far["sat"] == base["sat"]  # colour untouched
 
@@ -153,12 +154,13 @@ def test_within_class_variation_gives_objects_of_one_class_different_colours():
 
 
 def test_write_toystreets_records_the_knobs(tmp_path):
-    from confeti.toystreets import write_toystreets
+    from confeti.toystreets import VERSION, WITHIN_CLASS, write_toystreets
 
     s = write_toystreets(tmp_path, n_source=2, n_target_train=2, n_target_val=1, height=32,
                          width=64, progress=False, workers=1, texture_gap=0.25)  # fmt: skip
     meta = json.loads((tmp_path / "toystreets.json").read_text())
-    assert meta["texture_gap"] == 0.25 and meta["within_class"] == 0.0 and s["colour_gap"] == 1.0
+    assert meta["texture_gap"] == 0.25 and meta["within_class"] == WITHIN_CLASS
+    assert s["colour_gap"] == 1.0 and meta["version"] == VERSION
 
 
 def test_version_1_of_the_benchmark_stays_reachable_through_the_knobs():
