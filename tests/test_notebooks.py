@@ -273,11 +273,11 @@ def test_execute_writes_nothing_when_a_cell_raises(tmp_path):
 
 
 def test_reproduce_executes_the_notebooks_in_place_with_the_full_run_environment(tmp_path, monkeypatch):  # fmt: skip
-    from confeti import figures, notebooks, reproduce
+    from confeti import figures, notebooks, reproduce, toystreets
 
     data, runs, nbdir = tmp_path / "data", tmp_path / "runs", tmp_path / "notebooks"
     data.mkdir()
-    (data / "toystreets.json").write_text("{}")
+    (data / "toystreets.json").write_text(json.dumps({"version": toystreets.VERSION}))
     reproduce._check_benchmark(data, runs / "toy")  # the record a first reproduce writes
     for m in reproduce.FIGURE_RUNS:
         (runs / "toy" / m).mkdir(parents=True)
@@ -296,12 +296,12 @@ def test_reproduce_executes_the_notebooks_in_place_with_the_full_run_environment
 
 
 def test_reproduce_refuses_a_finished_run_of_another_config(tmp_path):
-    from confeti import reproduce
+    from confeti import reproduce, toystreets
     from confeti.config import toy
 
     data, runs = tmp_path / "data", tmp_path / "runs"
     data.mkdir()
-    (data / "toystreets.json").write_text("{}")
+    (data / "toystreets.json").write_text(json.dumps({"version": toystreets.VERSION}))
     old = dataclasses.replace(toy(), iters=toy().iters + 1)
     out = runs / "toy" / "confeti"
     out.mkdir(parents=True)
@@ -324,12 +324,14 @@ def test_reproduce_refuses_data_of_another_toystreets_version(tmp_path, monkeypa
 
 
 def test_reproduce_refuses_runs_trained_on_another_toystreets(tmp_path):
-    from confeti import reproduce
+    from confeti import reproduce, toystreets
 
     a, b, runs = tmp_path / "a", tmp_path / "b", tmp_path / "runs" / "toy"
     for d, seed in ((a, 0), (b, 1)):
         d.mkdir()
-        (d / "toystreets.json").write_text(json.dumps({"seed": seed}))
+        (d / "toystreets.json").write_text(
+            json.dumps({"version": toystreets.VERSION, "seed": seed})
+        )
     reproduce._check_benchmark(a, runs)  # first use: recorded
     reproduce._check_benchmark(a, runs)  # same data: fine
     with pytest.raises(SystemExit, match="trained on another ToyStreets"):
