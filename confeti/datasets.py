@@ -338,7 +338,7 @@ class SynthiaDataset(_SegDataset):
 
     def check(self, progress: bool = True) -> None:
         """Also: every label must be a 16-bit PNG (bit depth read from the IHDR header)."""
-        super().check()
+        super().check(progress)
         for _, lab in self.pairs:
             depth = png_bit_depth(lab)
             if depth != 16:
