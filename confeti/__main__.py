@@ -16,7 +16,7 @@ import typing
 from pathlib import Path
 
 from .config import METHODS, PRESETS, Config, field_names, get_preset, scale_schedule
-from .toystreets import APPEARANCE_STRENGTH, GAP_KNOBS, WITHIN_CLASS
+from .toystreets import GAP_KNOBS, WITHIN_CLASS, knob_top
 
 
 def _parse_value(name: str, raw: str):
@@ -307,11 +307,9 @@ def main(argv=None) -> None:
     p.add_argument("--appearance-gap", type=float, default=1.0)
     p.add_argument("--content-gap", type=float, default=1.0)
     for k in GAP_KNOBS:  # the gap's parts (toystreets.gap_knobs)
-        part = k.removesuffix("_gap")
-        top = 1 / APPEARANCE_STRENGTH[part] if part in APPEARANCE_STRENGTH else 1
         default = WITHIN_CLASS if k == "within_class" else 1
         p.add_argument(f"--{k.replace('_', '-')}", dest=k, type=float, default=None,
-                       help=f"ToyStreets part of the gap, in [0, {top:.3g}] (default {default})")  # fmt: skip
+                       help=f"ToyStreets part of the gap, in [0, {knob_top(k):.3g}] (default {default})")  # fmt: skip
     p.set_defaults(fn=_cmd_data)
 
     p = sub.add_parser("train", help="train one method")

@@ -110,8 +110,8 @@ def _lerp(a, b, t):
     return a + (b - a) * t
 
 
-# The gap's parts, each a knob in [0, 1] that scales its share of the full gap (1 = the default
-# benchmark, 0 = the city takes the game's values for that part).
+# The gap's parts, each a knob that scales its share of the full gap (1 = the default
+# benchmark, 0 = the city takes the game's values for that part; range: knob_top).
 APPEARANCE_PARTS = {
     "colour": (),  # per-class material colours, car paints and clothes
     "tone": ("sat", "contrast", "gamma", "cast"),  # the global colour grade of the camera
@@ -141,24 +141,30 @@ CONTENT_PARTS = {
 GAP_KNOBS = (*(f"{k}_gap" for k in (*APPEARANCE_PARTS, *CONTENT_PARTS)), "within_class")
 
 
+def knob_top(knob: str) -> float:
+    """The largest value of a knob: ``1 / APPEARANCE_STRENGTH[part]`` for an appearance part
+    (the extreme city look of the tables above), 1 for the others."""
+    part = knob.removesuffix("_gap")
+    return 1.0 / APPEARANCE_STRENGTH[part] if part in APPEARANCE_STRENGTH else 1.0
+
+
 def gap_knobs(**knobs) -> dict:
     """The knobs of the gap's parts, defaults filled in and checked: ``colour_gap``,
-    ``texture_gap``, ``lighting_gap``, ``sensor_gap`` (appearance), ``layout_gap``,
-    ``frequency_gap``, ``scale_gap`` (content), each default 1, and ``within_class`` in [0, 1]
-    (default 0): the city's objects of one class get colours that differ by up to that fraction
-    per channel, so colour stops being a class label that a generator can map back one to one.
+    ``tone_gap``, ``texture_gap``, ``lighting_gap``, ``sensor_gap`` (appearance),
+    ``layout_gap``, ``frequency_gap``, ``scale_gap`` (content), each default 1, and
+    ``within_class`` in [0, 1] (default ``WITHIN_CLASS``): the city's objects of one class get
+    colours that differ by up to that fraction per channel, so colour stops being a class label
+    that a generator can map back one to one.
 
     Content parts lie in [0, 1]. An appearance part may exceed 1, which strengthens it beyond
-    the default benchmark, up to the extreme city look of the tables above, reached at
-    ``1 / APPEARANCE_STRENGTH[part]``."""
+    the default benchmark, up to the extreme city look at ``knob_top``."""
     bad = set(knobs) - set(GAP_KNOBS)
     if bad:
         raise ValueError(f"unknown ToyStreets knob(s) {sorted(bad)}; expected among {GAP_KNOBS}")
     out = {k: WITHIN_CLASS if k == "within_class" else 1.0 for k in GAP_KNOBS}
     out.update({k: float(v) for k, v in knobs.items()})
-    top = {f"{k}_gap": 1.0 / APPEARANCE_STRENGTH[k] for k in APPEARANCE_PARTS}
     for k, v in out.items():
-        hi = top.get(k, 1.0)
+        hi = knob_top(k)
         if not 0.0 <= v <= hi + 1e-9:
             raise ValueError(f"ToyStreets knob {k}={v} must lie in [0, {hi:.4g}]")
     return out
