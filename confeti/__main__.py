@@ -179,7 +179,8 @@ def _cmd_ablation(a) -> None:
 
     cfg = build_config(a.preset, a.iters, None, a.set)
     run_ablation(cfg, a.data, a.out, seeds=a.seeds, methods=a.methods, device=a.device,
-                 jobs=a.jobs, threads=a.threads)  # fmt: skip
+                 jobs=a.jobs, threads=a.threads, results=a.results,
+                 collect_only=a.collect_only)  # fmt: skip
 
 
 def _cmd_figures(a) -> None:
@@ -371,6 +372,10 @@ def main(argv=None) -> None:
     p.add_argument(
         "--threads", type=int, default=None, help="threads per run (default: cores / jobs)"
     )
+    p.add_argument("--results", default=None,
+                   help="also write the table with its provenance here (e.g. results/ablation.json)")  # fmt: skip
+    p.add_argument("--collect-only", action="store_true",
+                   help="train nothing: collect the finished runs (--results, results.json)")  # fmt: skip
     p.set_defaults(fn=_cmd_ablation)
 
     p = sub.add_parser("figures", help="write every figure from finished runs")

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import METHODS, Config
-from .experiments import COST
+from .experiments import COST, provenance, write_results
 from .labels import CLASSES, SHORT_NAMES
 
 # every method of the CLI, the oracle (the upper bound) last
@@ -129,6 +129,17 @@ def markdown_table(res: dict) -> str:
         vals = ["–" if r["iou_mean"][c] is None else f"{r['iou_mean'][c]:.0f}" for c in CLASSES]
         lines.append(f"| {m} | " + " | ".join(vals) + " |")
     return "\n".join(lines) + "\n"
+
+
+def save_results(path, res: dict, cfg: Config, data, seeds: int) -> None:
+    """``res`` (``collect``'s table) with its provenance, written atomically to ``path``."""
+    meta = Path(data) / "toystreets.json"
+    bench = json.loads(meta.read_text()) if meta.is_file() else {}
+    done = {m: r["seeds"] for m, r in res.items()}
+    write_results({"experiment": "ablation", **provenance(cfg.preset), "iters": cfg.iters,
+                "seeds_planned": seeds, "seeds_done": done, "data": Path(data).name,
+                "toystreets_version": bench.get("version"), "toystreets_seed": bench.get("seed"),
+                "methods": res}, Path(path))  # fmt: skip
 
 
 def _pending(out: Path, methods, seeds: int) -> list[tuple[str, int]]:
@@ -255,12 +266,17 @@ def run_ablation(
     progress: bool = True,
     jobs: int | None = None,
     threads: int | None = None,
+    results=None,
+    collect_only: bool = False,
 ) -> dict:
     """Train (or reuse) every method x seed, then write results.json, results.md, ablation.png.
 
     ``jobs`` > 1: that many child processes of ``threads`` threads each (default: cores / jobs);
     ``jobs=1``: the runs one after another in this process (``threads``: its thread count while
     they run). Either way the methods with G share each seed's phase 0 through ``out/cut_cache``.
+    ``results``: also write the table, with where it came from (commit, torch, machine, date,
+    the runs' data folder), to this file (the committed copy under ``results/``).
+    ``collect_only``: train nothing, only collect the finished runs.
     """
     from .plots import plot_ablation, save_figure
     from .runner import train
@@ -269,7 +285,7 @@ def run_ablation(
     out = Path(out)
     jobs = default_jobs() if jobs is None else max(1, int(jobs))
     t0 = time.time()
-    todo = _pending(out, methods, seeds)
+    todo = [] if collect_only else _pending(out, methods, seeds)
     if jobs > 1 and len(todo) > 1:
         threads = threads or max(1, (os.cpu_count() or 1) // jobs)
         _run_parallel(cfg, data, out, todo, device, jobs, threads, progress)
@@ -302,6 +318,8 @@ def run_ablation(
     (out / "results.json").write_text(json.dumps(meta, indent=2))
     (out / "results.md").write_text(markdown_table(res))
     save_figure(plot_ablation(res), out / "ablation.png")
+    if results is not None:
+        save_results(results, res, cfg, data, seeds)
     if progress:
         print(markdown_table(res))
     return res

@@ -79,3 +79,29 @@ def test_interval_gap_closed_and_table_from_finished_runs(tmp_path):
     assert res["oracle"]["ci95"] == [60.0, 60.0] and res["source_only"]["gap_closed_percent"] == 0
     table = markdown_table(res)
     assert "| confeti | 47.0 ± 2.0 | 42.0 – 52.0 | 54 % | 3 |" in table
+
+
+def test_collect_only_writes_the_committed_table_with_its_provenance(tmp_path):
+    from confeti.ablation import run_ablation, run_dir
+    from confeti.config import get_preset
+    from confeti.labels import CLASSES
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "toystreets.json").write_text(json.dumps({"version": 2, "seed": 1}))
+    out = tmp_path / "runs"
+    for m, x in (("source_only", 30.0), ("oracle", 60.0)):
+        d = run_dir(out, m, 0)
+        d.mkdir(parents=True)
+        (d / "eval.json").write_text(json.dumps({"miou": x, "iou": dict.fromkeys(CLASSES, x)}))
+    target = tmp_path / "results" / "ablation.json"
+    # collect-only: nothing trains although selftrain has no finished run (it would take minutes)
+    run_ablation(get_preset("smoke"), data, out, seeds=3, progress=False, jobs=1,
+                 methods=("source_only", "selftrain", "oracle"), results=target,
+                 collect_only=True)  # fmt: skip
+    res = json.loads(target.read_text())
+    assert not run_dir(out, "selftrain", 0).exists()
+    assert res["seeds_done"] == {"source_only": 1, "oracle": 1} and res["seeds_planned"] == 3
+    assert (res["toystreets_version"], res["toystreets_seed"], res["data"]) == (2, 1, "data")
+    assert res["methods"]["oracle"]["gap_closed_percent"] == 100
+    assert {"commit", "torch", "date", "preset"} <= set(res)
