@@ -263,6 +263,7 @@ def _cmd_experiment(a) -> None:
     if a.name == "gapmatrix":
         table = ex.gap_table(res)
         print(json.dumps({"miou": table, "gap_closed_percent": ex.gap_closed(table)}, indent=1))
+        print(ex.gap_markdown(table))
         if a.figure:
             from .plots import plot_gap_matrix, save_figure
 

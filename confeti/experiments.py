@@ -272,3 +272,19 @@ def gap_closed(table: dict[str, dict[str, float]]) -> dict[str, dict[str, float]
             lo, hi = row["source_only"], row["oracle"]
             out[v] = {m: 100.0 * (x - lo) / (hi - lo) for m, x in row.items()}
     return out
+
+
+def gap_markdown(table: dict[str, dict[str, float]], methods=GAP_METHODS) -> str:
+    """The gap matrix as a markdown table: one row per variant, each cell "mIoU (gap closed)";
+    "–" where the run has not finished."""
+    closed = gap_closed(table)
+    cols = [m for m in methods if any(m in row for row in table.values())]
+    lines = ["| variant | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for v, row in table.items():
+        cells = []
+        for m in cols:
+            g = closed.get(v, {}).get(m)
+            cells.append("–" if m not in row else f"{row[m]:.1f}" + ("" if g is None or m in
+                         ("source_only", "oracle") else f" ({g:.0f} %)"))  # fmt: skip
+        lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

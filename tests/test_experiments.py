@@ -77,6 +77,10 @@ def test_gap_closed_is_the_share_of_source_only_to_oracle():
     assert closed["both"]["fda"] == pytest.approx(20.0)
     assert closed["both"]["confeti"] == pytest.approx(60.0)
     assert closed["both"]["source_only"] == 0.0 and closed["both"]["oracle"] == 100.0
+    md = ex.gap_markdown(table).splitlines()
+    assert md[0] == "| variant | source_only | oracle | fda | confeti |"
+    assert md[2] == "| both | 30.0 | 60.0 | 36.0 (20 %) | 48.0 (60 %) |"
+    assert md[3] == "| content | 50.0 | – | 51.0 | – |"  # no oracle yet: no share
 
 
 def test_gap_matrix_runs_each_variant_on_its_own_data(toy, tmp_path):
