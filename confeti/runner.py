@@ -28,6 +28,8 @@ tests/test_reliability.py):
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import json
 import os
@@ -405,6 +407,38 @@ def with_defaults(config: dict) -> dict:
     return json.loads(json.dumps({**{k: v for k, v in full.items() if k not in config}, **config}))
 
 
+@contextlib.contextmanager
+def run_lock(out: Path, enabled: bool = True):
+    """Hold an exclusive lock on ``out/.lock`` while this process trains the run in ``out``.
+
+    A second process started on the same folder (a second ablation, a notebook, a shell) is
+    refused with a ``RunError`` instead of writing the same checkpoint and log as the first. The
+    operating system drops the lock when the process ends, a crash or a kill included, so a
+    stale lock never blocks a resume. Only rank 0 of a ``torchrun`` job takes it.
+    """
+    if not enabled:
+        yield
+        return
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        f = open(out / ".lock", "a+")
+    except OSError as e:
+        raise RunError(f"cannot write to --out {out}: {e}") from e
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            who = f.read().strip() or "a process"
+            raise RunError(f"--out {out} is being trained by {who} right now; wait for it to "
+                           "finish (or stop it) and resume, or choose another --out") from None  # fmt: skip
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}\n")
+        f.flush()
+        yield
+
+
 def _prepare_out(out: Path, cfg: Config, method: str, resume: bool, overwrite: bool) -> None:
     meta = {"method": method, "config": cfg.to_dict()}
     cfg_file = out / "config.json"
@@ -493,7 +527,7 @@ def train(
     first run of its seed, data and CUT settings and loaded by the next ones (``cutcache``):
     the same results, without training phase 0 again. Single-process runs only.
     """
-    with StopRequest() as stop:
+    with StopRequest() as stop, run_lock(Path(out), int(os.environ.get("RANK", 0)) == 0):
         return _train(cfg, method, data, out, stop, resume=resume, overwrite=overwrite,
                       device=device, progress=progress, data_check=data_check,
                       cut_cache=cut_cache)  # fmt: skip

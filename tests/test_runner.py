@@ -71,6 +71,37 @@ def test_occupied_out_is_refused(toy, tmp_path):
     train(_cfg(iters=2), "source_only", toy, tmp_path / "r", overwrite=True, progress=False)
 
 
+def test_a_run_folder_in_use_by_another_process_is_refused(toy, tmp_path):
+    import fcntl
+    import subprocess
+    import sys
+
+    run = tmp_path / "r"
+    run.mkdir()
+    # another process holds the run's lock (a second open file: flock conflicts as between
+    # processes, also inside this one)
+    with open(run / ".lock", "a+") as other:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        other.write("pid 12345\n")
+        other.flush()
+        with pytest.raises(RunError, match=r"being trained by pid 12345.*another --out"):
+            train(_cfg(iters=2), "source_only", toy, run, progress=False)
+    assert not (run / "config.json").exists()  # refused before it touched the folder
+    # a process killed while it holds the lock leaves no stale lock: the resume starts
+    code = ("import sys, pathlib; from confeti.runner import run_lock\n"
+            "with run_lock(pathlib.Path(sys.argv[1])):\n"
+            "    print('locked', flush=True); sys.stdin.read()\n")  # fmt: skip
+    p = subprocess.Popen([sys.executable, "-c", code, str(run)], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert p.stdout.readline().strip() == "locked"  # blocks until the child holds the lock
+    with pytest.raises(RunError, match="being trained by pid"):
+        train(_cfg(iters=2), "source_only", toy, run, progress=False)
+    p.kill()
+    p.wait()
+    train(_cfg(iters=2), "source_only", toy, run, progress=False)
+    assert (run / "eval.json").exists()
+
+
 def test_cli_train_and_eval(toy, tmp_path, capsys):
     run = tmp_path / "cli"
     main(
