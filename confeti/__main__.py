@@ -234,6 +234,11 @@ def _cmd_experiment(a) -> None:
         methods = a.methods or ["source_only", "oracle", "selftrain", "style", "confeti"]
         jobs = ex.convergence_jobs(out, methods, lengths, a.seed)
         extra = {"lengths": lengths, "methods": methods}
+    elif a.name == "losses":
+        from .config import TOY_ITERS
+
+        jobs = ex.loss_jobs(out, a.iters or TOY_ITERS, a.seed, a.methods)
+        extra = {"iters": a.iters or TOY_ITERS, "variants": ex.LOSS_ABLATION}
     elif a.name == "gapmatrix":
         from .config import TOY_ITERS
 
@@ -246,7 +251,9 @@ def _cmd_experiment(a) -> None:
         jobs = ex.gap_jobs(out, variants, methods, iters, a.seed)
         extra = {"iters": iters, "methods": methods, "variants": knobs}
     else:
-        raise SystemExit(f"unknown experiment {a.name!r}; choose tune, convergence or gapmatrix")
+        raise SystemExit(
+            f"unknown experiment {a.name!r}; choose tune, convergence, losses or gapmatrix"
+        )
     try:
         if not a.collect_only:
             ex.run_jobs(jobs, data, preset=a.preset, n_procs=a.jobs)
@@ -260,6 +267,8 @@ def _cmd_experiment(a) -> None:
         print("converged length:", ex.converged_length(table))
         if a.figure:
             _plot_convergence(results, a.figure)
+    if a.name == "losses":
+        print(json.dumps({r["name"]: r["miou"] for r in res["runs"]}, indent=1))
     if a.name == "gapmatrix":
         table = ex.gap_table(res)
         print(json.dumps({"miou": table, "gap_closed_percent": ex.gap_closed(table)}, indent=1))
@@ -410,8 +419,8 @@ def main(argv=None) -> None:
     p.set_defaults(fn=_cmd_gpu_check)
 
     p = sub.add_parser("experiment",
-                       help="many runs: 'tune' (tuning split), 'convergence', 'gapmatrix'")  # fmt: skip
-    p.add_argument("name", help="tune | convergence | gapmatrix | plot (the convergence figure "
+                       help="many runs: 'tune' (tuning split), 'convergence', 'losses', 'gapmatrix'")  # fmt: skip
+    p.add_argument("name", help="tune | convergence | losses | gapmatrix | plot (the convergence figure "
                    "from --results)")  # fmt: skip
     p.add_argument("--preset", default="toy")
     p.add_argument("--data", default=None)
@@ -419,7 +428,9 @@ def main(argv=None) -> None:
     p.add_argument("--out", default=None, help="folder of the runs (resumable)")
     p.add_argument("--results", required=True, help="the JSON collecting the finished runs")
     p.add_argument("--figure", default=None, help="convergence / plot: write this PNG")
-    p.add_argument("--iters", type=int, default=None, help="tune / gapmatrix: the run length")
+    p.add_argument(
+        "--iters", type=int, default=None, help="tune / losses / gapmatrix: the run length"
+    )
     p.add_argument("--variant", action="append", default=None,
                    help="gapmatrix: NAME:knob=value,... (a write_toystreets argument per knob; "
                    "repeat; default: appearance, content and both)")  # fmt: skip

@@ -12,6 +12,8 @@ tables and figures regenerate from it without retraining, and a new machine lose
   set plays no part in the choice.
 - ``convergence``: methods x run lengths; a length L is converged when every method's mIoU at 2L
   is within about a point of its value at L.
+- ``losses``: CONFETI with one term of its objective switched off at a time (``LOSS_ABLATION``),
+  to show which loss costs or buys what.
 - ``gapmatrix``: ToyStreets variants (appearance gap only, content gap only, both) x methods at one
   run length: which alignment closes which gap. The same machinery with other variants
   (``--variant name:knob=value,...``) calibrates the benchmark's knobs.
@@ -201,6 +203,27 @@ def converged_length(table: dict[str, dict[int, float]], tol: float = 1.0) -> in
 def _check_lengths(preset: str, lengths) -> None:
     for n in lengths:
         scale_schedule(get_preset(preset), n).validate()
+
+
+# ---- one loss at a time: CONFETI with each of its terms switched off ---------------------------
+LOSS_ABLATION = {  # run name -> the override that removes one term of CONFETI's objective
+    "no_psc": {"psc_weight": 0.0},  # G without the semantic (prototypical) consistency loss
+    "no_cam": {"cam_weight": 0.0},  # no CAM loss (the CAM still weights the prototypes)
+    "no_reg": {"reg_weight": 0.0},  # the contrast without its regulariser
+    "no_target_contrast": {"target_contrast": False},  # no contrast on confident target pixels
+}
+# The other leave-one-out rows are ablation methods already: no contrast at all =
+# selftrain+style, no G = selftrain+contrast, no self-training = style and contrast.
+
+
+def loss_jobs(out: Path, iters: int, seed: int = 0, names=None) -> list[Job]:
+    """CONFETI once per ``LOSS_ABLATION`` entry (all of them by default), phase 0 shared."""
+    names = list(names or LOSS_ABLATION)
+    unknown = sorted(set(names) - set(LOSS_ABLATION))
+    if unknown:
+        raise SystemExit(f"--methods {unknown}: experiment losses knows {sorted(LOSS_ABLATION)}")
+    return [Job(n, "confeti", out / n, iters, seed, dict(LOSS_ABLATION[n]),
+                cut_cache=out / "cut_cache") for n in names]  # fmt: skip
 
 
 # ---- the gap matrix: which alignment closes which gap ----------------------------------------

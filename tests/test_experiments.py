@@ -1,6 +1,7 @@
 """Experiments of many runs: resumable jobs, results files, the convergence rule."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -120,3 +121,23 @@ def test_convergence_end_labels_of_equal_values_do_not_overlap():
     ax = plot_convergence(table).axes[0]
     ys = sorted(t.get_position()[1] for t in ax.texts if t.get_text() in ("44.8", "44.9"))
     assert ys[1] - ys[0] > 0.4  # 4.5 % of the 13.2-point range apart, not on top of each other
+
+
+def test_loss_ablation_switches_off_one_term_of_confeti_each():
+    import dataclasses
+
+    from confeti.config import Config, get_preset
+
+    jobs = ex.loss_jobs(Path("runs/l"), iters=12800)
+    assert [j.name for j in jobs] == list(ex.LOSS_ABLATION) and {j.method for j in jobs} == {
+        "confeti"
+    }
+    toy = get_preset("toy")
+    for j in jobs:
+        ((k, v),) = j.overrides.items()  # one term each
+        assert getattr(toy, k) not in (0, False) and v in (0, False)  # the toy preset has it on
+        Config.from_dict({**dataclasses.asdict(toy), k: v}).validate()
+        assert j.cut_cache == Path("runs/l/cut_cache")
+        assert ["--set", f"{k}={v}"] == j.commands(Path("d"), "toy")[0][-4:-2]
+    with pytest.raises(SystemExit, match="no_such"):
+        ex.loss_jobs(Path("r"), 10, names=["no_psc", "no_such"])
