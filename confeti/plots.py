@@ -374,6 +374,7 @@ def plot_ablation(results: dict) -> Figure:
         a.set_xlabel("mIoU (%)  mean ± std over seeds")
         for i, (m, s) in enumerate(zip(means, stds)):
             a.text(m + s + 0.5, i, f"{m:.1f}", va="center", fontsize=8)
+        a.set_xlim(0, 1.15 * max(m + s for m, s in zip(means, stds)))  # room for the labels
         sns.heatmap(
             grid,
             ax=b,
