@@ -186,7 +186,7 @@ def _cmd_ablation(a) -> None:
 def _cmd_figures(a) -> None:
     from .figures import write_figures
 
-    write_figures(a.runs, a.data, a.out)
+    write_figures(a.runs, a.data, a.out, ablation=a.ablation)
 
 
 def _cmd_bench(a) -> None:
@@ -392,6 +392,9 @@ def main(argv=None) -> None:
     p.add_argument("--runs", required=True)
     p.add_argument("--data", required=True)
     p.add_argument("--out", default="figures")
+    p.add_argument("--ablation", default=None,
+                   help="an ablation table (results/ablation.json) to draw ablation.png from "
+                   "(default: RUNS/../ablation/results.json when it exists)")  # fmt: skip
     p.set_defaults(fn=_cmd_figures)
 
     p = sub.add_parser("bench", help="seconds per iteration, images/s, memory, FLOP/s")

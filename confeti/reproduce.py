@@ -10,7 +10,8 @@
    inputs they were made from), with ``CONFETI_RUNS``/``CONFETI_DATA`` pointing at the runs
    above so they load them instead of training again, and ``CONFETI_FIGURES`` so they save
    their figures; a notebook that fails is left as it was and stops the pipeline;
-4. write every paper-style figure into ``figures/`` (``confeti.figures``).
+4. write every paper-style figure into ``figures/`` (``confeti.figures``), the ablation's from
+   the committed ``results/ablation.json``.
 """
 
 from __future__ import annotations
@@ -145,6 +146,8 @@ def reproduce(
         print(f"    done in {time.time() - t0:.0f}s", flush=True)
 
     t0 = _step(4, n, f"figures -> {figures}/")
-    write_figures(runs / preset, data, figures)
+    # the ablation's figures from its committed table (results/ablation.json), when it exists
+    table = Path(__file__).resolve().parents[1] / "results" / "ablation.json"
+    write_figures(runs / preset, data, figures, ablation=table if table.exists() else None)
     print(f"    done in {time.time() - t0:.0f}s", flush=True)
     print(f"make reproduce finished in {(time.time() - t_all) / 60:.1f} min", flush=True)
