@@ -70,14 +70,41 @@ def gap_closed(res: dict) -> dict[str, float]:
     return {m: round(100.0 * (r["miou_mean"] - lo) / (hi - lo), 1) for m, r in res.items()}
 
 
-def collect(out: str | Path, methods=ABLATION_METHODS, seeds: int = 3) -> dict:
-    """Read every finished run's eval.json/summary.json into {method: {...}}."""
+def recorded_runs(path, cfg: Config, data) -> dict[tuple[str, int], dict]:
+    """The runs a committed table (``save_results``' file) already holds, {(method, seed): run},
+    when it was made with this preset, run length and data (name, ToyStreets version and seed);
+    empty otherwise. They count as done: a new machine, whose ``runs/`` is empty, trains only
+    what the table lacks instead of repeating it."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    old = json.loads(path.read_text())
+    meta = Path(data) / "toystreets.json"
+    bench = json.loads(meta.read_text()) if meta.is_file() else {}
+    same = (
+        old.get("preset") == cfg.preset
+        and old.get("iters") == cfg.iters
+        and old.get("data") == Path(data).name
+        and old.get("toystreets_version") == bench.get("version")
+        and old.get("toystreets_seed") == bench.get("seed")
+    )
+    if not same:
+        return {}
+    return {(m, r["seed"]): r for m, v in old.get("methods", {}).items() for r in v["runs"]}
+
+
+def collect(out: str | Path, methods=ABLATION_METHODS, seeds: int = 3, recorded=None) -> dict:
+    """Read every finished run's eval.json/summary.json into {method: {...}}; a run missing on
+    disk but in ``recorded`` (``recorded_runs``) is taken from there."""
+    recorded = recorded or {}
     res = {}
     for m in methods:
         runs = []
         for s in range(seeds):
             d = run_dir(out, m, s)
-            if (d / "eval.json").exists():
+            if not (d / "eval.json").exists() and (m, s) in recorded:
+                runs.append(dict(recorded[(m, s)]))
+            elif (d / "eval.json").exists():
                 ev = json.loads((d / "eval.json").read_text())
                 sm = (
                     json.loads((d / "summary.json").read_text())
@@ -142,9 +169,10 @@ def save_results(path, res: dict, cfg: Config, data, seeds: int) -> None:
                 "methods": res}, Path(path))  # fmt: skip
 
 
-def _pending(out: Path, methods, seeds: int) -> list[tuple[str, int]]:
-    """Runs without eval.json, the longest first (then in the given order)."""
-    todo = [(m, s) for m in methods for s in range(seeds)]
+def _pending(out: Path, methods, seeds: int, recorded=()) -> list[tuple[str, int]]:
+    """Runs without eval.json and not in ``recorded``, the longest first (then in the given
+    order)."""
+    todo = [(m, s) for m in methods for s in range(seeds) if (m, s) not in recorded]
     todo = [(m, s) for m, s in todo if not (run_dir(out, m, s) / "eval.json").exists()]
     return sorted(todo, key=lambda r: -COST.get(r[0], 1.0))  # stable: ties keep the order
 
@@ -277,6 +305,8 @@ def run_ablation(
     ``results``: also write the table, with where it came from (commit, torch, machine, date,
     the runs' data folder), to this file (the committed copy under ``results/``).
     ``collect_only``: train nothing, only collect the finished runs.
+    The runs ``results`` already holds for this preset, length and data (``recorded_runs``)
+    are not trained again: they stay in the table as recorded.
     """
     from .plots import plot_ablation, save_figure
     from .runner import train
@@ -285,7 +315,8 @@ def run_ablation(
     out = Path(out)
     jobs = default_jobs() if jobs is None else max(1, int(jobs))
     t0 = time.time()
-    todo = [] if collect_only else _pending(out, methods, seeds)
+    recorded = {} if results is None else recorded_runs(results, cfg, data)
+    todo = [] if collect_only else _pending(out, methods, seeds, recorded)
     if jobs > 1 and len(todo) > 1:
         threads = threads or max(1, (os.cpu_count() or 1) // jobs)
         _run_parallel(cfg, data, out, todo, device, jobs, threads, progress)
@@ -306,7 +337,7 @@ def run_ablation(
                       cut_cache=out / "cut_cache")  # fmt: skip
         finally:
             torch.set_num_threads(before)
-    res = collect(out, methods, seeds)
+    res = collect(out, methods, seeds, recorded)
     out.mkdir(parents=True, exist_ok=True)
     meta = {
         "preset": cfg.preset,

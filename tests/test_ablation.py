@@ -105,3 +105,35 @@ def test_collect_only_writes_the_committed_table_with_its_provenance(tmp_path):
     assert (res["toystreets_version"], res["toystreets_seed"], res["data"]) == (2, 1, "data")
     assert res["methods"]["oracle"]["gap_closed_percent"] == 100
     assert {"commit", "torch", "date", "preset"} <= set(res)
+
+
+def test_runs_recorded_in_the_committed_table_are_not_trained_again(tmp_path):
+    """A new machine (empty runs folder) keeps the committed runs and trains only what is missing;
+    a table made with another run length is not reused."""
+    import dataclasses
+
+    from confeti.ablation import recorded_runs, run_ablation, run_dir
+    from confeti.config import get_preset
+    from confeti.labels import CLASSES
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "toystreets.json").write_text(json.dumps({"version": 2, "seed": 0}))
+    cfg = get_preset("smoke")
+    first = tmp_path / "machine1"
+    for m, x in (("source_only", 30.0), ("oracle", 60.0)):
+        d = run_dir(first, m, 0)
+        d.mkdir(parents=True)
+        (d / "eval.json").write_text(json.dumps({"miou": x, "iou": dict.fromkeys(CLASSES, x)}))
+    target = tmp_path / "results" / "ablation.json"
+    run_ablation(cfg, data, first, seeds=1, progress=False, jobs=1,
+                 methods=("source_only", "oracle"), results=target, collect_only=True)  # fmt: skip
+    # machine 2: nothing on disk; collecting (and training, which would take minutes) keeps both
+    second = tmp_path / "machine2"
+    res = run_ablation(cfg, data, second, seeds=1, progress=False, jobs=1,
+                       methods=("source_only", "oracle"), results=target)  # fmt: skip
+    assert not run_dir(second, "source_only", 0).exists()
+    assert res["source_only"]["runs"][0]["miou"] == 30.0 and res["oracle"]["seeds"] == 1
+    assert json.loads(target.read_text())["seeds_done"] == {"source_only": 1, "oracle": 1}
+    assert set(recorded_runs(target, cfg, data)) == {("source_only", 0), ("oracle", 0)}
+    assert recorded_runs(target, dataclasses.replace(cfg, iters=cfg.iters + 1), data) == {}
