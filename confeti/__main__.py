@@ -254,11 +254,13 @@ def _cmd_experiment(a) -> None:
         raise SystemExit(
             f"unknown experiment {a.name!r}; choose tune, convergence, losses or gapmatrix"
         )
+    extra["toystreets"] = ex.toystreets_id(data)
+    recorded = ex.recorded_rows(results, a.preset, data)  # the committed runs: not trained again
     try:
         if not a.collect_only:
-            ex.run_jobs(jobs, data, preset=a.preset, n_procs=a.jobs)
+            ex.run_jobs(jobs, data, preset=a.preset, n_procs=a.jobs, recorded=recorded)
     finally:  # whatever finished is kept, also after Ctrl-C
-        res = ex.collect(jobs, a.preset, a.name, extra)
+        res = ex.collect(jobs, a.preset, a.name, extra, recorded)
         ex.write_results(res, results)
         print(f"{len(res['runs'])} finished runs in {results}")
     if a.name == "convergence":

@@ -349,8 +349,10 @@ def run_ablation(
     (out / "results.json").write_text(json.dumps(meta, indent=2))
     (out / "results.md").write_text(markdown_table(res))
     save_figure(plot_ablation(res), out / "ablation.png")
-    if results is not None:
-        save_results(results, res, cfg, data, seeds)
+    if results is not None:  # the file keeps the methods it holds that this call did not run
+        kept = {m for m, _ in recorded} | set(methods)
+        everything = collect(out, [m for m in ABLATION_METHODS if m in kept], seeds, recorded)
+        save_results(results, everything, cfg, data, seeds)
     if progress:
         print(markdown_table(res))
     return res

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from .config import get_preset, scale_schedule
+from .config import Config, get_preset, scale_schedule
 
 # relative cost of one iteration of each method: seconds of the toy runs at 12,800 iterations
 # (one thread each, results/table_12800.json), source-only = 1; fda and selftrain+style (not
@@ -84,9 +84,12 @@ class Job:
 
 
 def run_jobs(jobs: list[Job], data: Path, preset: str = "toy", n_procs: int = 2,
-             progress: bool = True) -> None:  # fmt: skip
-    """Run the unfinished jobs, the most expensive first, ``n_procs`` processes of 1 thread."""
-    todo = sorted((j for j in jobs if not j.done()), key=lambda j: -j.cost())
+             progress: bool = True, recorded: dict | None = None) -> None:  # fmt: skip
+    """Run the unfinished jobs, the most expensive first, ``n_procs`` processes of 1 thread;
+    a job with a row in ``recorded`` (``recorded_rows``) counts as finished."""
+    recorded = recorded or {}
+    todo = [j for j in jobs if not j.done() and _row_of(j, recorded) is None]
+    todo = sorted(todo, key=lambda j: -j.cost())
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
 
     def one(job: Job) -> str:
@@ -119,12 +122,47 @@ def _read(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def collect(jobs: list[Job], preset: str, experiment: str, extra: dict | None = None) -> dict:
-    """The finished runs' numbers, as one JSON-able dict."""
+def toystreets_id(data: Path) -> dict | None:
+    """{version, seed} of a ToyStreets folder (None for other data): what a result depends on."""
+    meta = _read(Path(data) / "toystreets.json")
+    return None if meta is None else {"version": meta.get("version"), "seed": meta.get("seed")}
+
+
+def recorded_rows(path: Path, preset: str, data: Path) -> dict[str, dict]:
+    """The runs an existing results file holds, by job name, when it was made with this preset's
+    recipe (the same ``base_config``) on the same data (``toystreets_id``); empty otherwise. A
+    new machine, whose run folders are empty, keeps them instead of training them again."""
+    old = _read(Path(path))
+    if old is None or old.get("preset") != preset:
+        return {}
+    if old.get("toystreets") is None or old["toystreets"] != toystreets_id(data):
+        return {}
+    now = json.loads(json.dumps(get_preset(preset).to_dict()))  # tuples as the file's lists
+    default = json.loads(json.dumps(Config().to_dict()))  # a field newer than the file: default
+    was = old.get("base_config", {})
+    if any(was.get(k, default.get(k)) != v for k, v in now.items()):
+        return {}
+    return {r["name"]: r for r in old.get("runs", [])}
+
+
+def _row_of(job: Job, recorded: dict[str, dict]) -> dict | None:
+    """``job``'s row in ``recorded`` if it is the same run (method, length, seed, overrides)."""
+    r = recorded.get(job.name)
+    same = r is not None and (r["method"], r["iters"], r["seed"], r.get("overrides", {})) == (
+        job.method, job.iters, job.seed, job.overrides)  # fmt: skip
+    return r if same and r.get("variant") == job.variant else None
+
+
+def collect(jobs: list[Job], preset: str, experiment: str, extra: dict | None = None,
+            recorded: dict | None = None) -> dict:  # fmt: skip
+    """The finished runs' numbers, as one JSON-able dict; a job not finished on disk but with a
+    row in ``recorded`` keeps that row."""
     runs = []
     for j in jobs:
         ev, sm = _read(j.out / "eval.json"), _read(j.out / "summary.json")
         if ev is None:
+            if (row := _row_of(j, recorded or {})) is not None:
+                runs.append(row)
             continue
         row = {"name": j.name, "method": j.method, "iters": j.iters, "seed": j.seed,
                "overrides": j.overrides, "seconds": (sm or {}).get("seconds"),

@@ -137,3 +137,8 @@ def test_runs_recorded_in_the_committed_table_are_not_trained_again(tmp_path):
     assert json.loads(target.read_text())["seeds_done"] == {"source_only": 1, "oracle": 1}
     assert set(recorded_runs(target, cfg, data)) == {("source_only", 0), ("oracle", 0)}
     assert recorded_runs(target, dataclasses.replace(cfg, iters=cfg.iters + 1), data) == {}
+    # a call for one method keeps the other method in the file
+    res = run_ablation(cfg, data, second, seeds=1, progress=False, jobs=1,
+                       methods=("oracle",), results=target, collect_only=True)  # fmt: skip
+    assert set(res) == {"oracle"}
+    assert set(json.loads(target.read_text())["methods"]) == {"source_only", "oracle"}

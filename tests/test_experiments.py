@@ -141,3 +141,37 @@ def test_loss_ablation_switches_off_one_term_of_confeti_each():
         assert ["--set", f"{k}={v}"] == j.commands(Path("d"), "toy")[0][-4:-2]
     with pytest.raises(SystemExit, match="no_such"):
         ex.loss_jobs(Path("r"), 10, names=["no_psc", "no_such"])
+
+
+def test_recorded_rows_are_kept_on_a_new_machine_and_not_trained_again(tmp_path):
+    """A results file made with this recipe on this data keeps its rows when the run folders are
+    gone; another ToyStreets or a changed row (other length) is not reused."""
+    import json
+
+    from confeti import experiments as ex
+    from confeti.labels import CLASSES
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "toystreets.json").write_text(json.dumps({"version": 2, "seed": 0}))
+    job = ex.Job("both/source_only", "source_only", tmp_path / "m1" / "so", 50)
+    job.out.mkdir(parents=True)
+    (job.out / "eval.json").write_text(
+        json.dumps({"miou": 30.0, "iou": dict.fromkeys(CLASSES, 30.0)})
+    )
+    results = tmp_path / "r.json"
+    ex.write_results(
+        ex.collect([job], "smoke", "gapmatrix", {"toystreets": ex.toystreets_id(data)}), results
+    )
+    # machine 2: same job name, nothing on disk
+    again = ex.Job("both/source_only", "source_only", tmp_path / "m2" / "so", 50)
+    rec = ex.recorded_rows(results, "smoke", data)
+    ex.run_jobs([again], data, preset="smoke", n_procs=1, progress=False, recorded=rec)
+    assert not again.out.exists()  # nothing trained
+    res = ex.collect([again], "smoke", "gapmatrix", recorded=rec)
+    assert [r["miou"] for r in res["runs"]] == [30.0]
+    longer = ex.Job("both/source_only", "source_only", tmp_path / "m2" / "so", 100)
+    assert ex.collect([longer], "smoke", "gapmatrix", recorded=rec)["runs"] == []
+    (data / "toystreets.json").write_text(json.dumps({"version": 2, "seed": 1}))
+    assert ex.recorded_rows(results, "smoke", data) == {}
+    assert ex.recorded_rows(results, "toy", data) == {}
