@@ -256,6 +256,8 @@ def _cmd_experiment(a) -> None:
         )
     extra["toystreets"] = ex.toystreets_id(data)
     recorded = ex.recorded_rows(results, a.preset, data)  # the committed runs: not trained again
+    if a.ablation:  # runs that are the ablation's (same method, length, seed, data): read from it
+        recorded.update(ex.ablation_rows(Path(a.ablation), jobs, data))
     try:
         if not a.collect_only:
             ex.run_jobs(jobs, data, preset=a.preset, n_procs=a.jobs, recorded=recorded)
@@ -443,6 +445,9 @@ def main(argv=None) -> None:
     p.add_argument("--methods", nargs="*", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jobs", type=int, default=2, help="processes at once (one thread each)")
+    p.add_argument("--ablation", default=None,
+                   help="convergence, gapmatrix: take the runs that are this ablation table's "
+                   "(same method, length, seed and data) from it instead of training them")  # fmt: skip
     p.add_argument("--collect-only", action="store_true",
                    help="write --results from the finished runs, train nothing")  # fmt: skip
     p.set_defaults(fn=_cmd_experiment)

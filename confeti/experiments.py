@@ -145,6 +145,32 @@ def recorded_rows(path: Path, preset: str, data: Path) -> dict[str, dict]:
     return {r["name"]: r for r in old.get("runs", [])}
 
 
+def ablation_rows(path: Path, jobs: list[Job], data: Path) -> dict[str, dict]:
+    """Rows for the jobs that are runs of a committed ablation table (``ablation.save_results``'
+    file): the same method, length and seed, no overrides, trained on the ablation's data
+    (``data`` itself, with the same ``toystreets_id``). The convergence check's runs at the
+    preset's length and the gap matrix's "both" row are such runs: they are read, not retrained.
+    """
+    ab = _read(Path(path))
+    if ab is None or ab.get("experiment") != "ablation":
+        raise SystemExit(f"--ablation {path}: not an ablation table (results/ablation*.json)")
+    same_data = ab.get("data") == Path(data).name and toystreets_id(data) == {
+        "version": ab.get("toystreets_version"), "seed": ab.get("toystreets_seed")}  # fmt: skip
+    runs = {(m, r["seed"]): r for m, v in ab["methods"].items() for r in v["runs"]}
+    rows = {}
+    for j in jobs:
+        on_data = j.data is None or Path(j.data).resolve() == Path(data).resolve()
+        r = runs.get((j.method, j.seed))
+        if r is None or j.overrides or j.iters != ab["iters"] or not (same_data and on_data):
+            continue
+        rows[j.name] = {"name": j.name, "method": j.method, "iters": j.iters, "seed": j.seed,
+                        "overrides": {}, "seconds": r.get("seconds"), "commit": ab.get("commit"),
+                        "from": Path(path).name, "miou": r["miou"], "iou": r["iou"]}  # fmt: skip
+        if j.variant is not None:
+            rows[j.name]["variant"] = j.variant
+    return rows
+
+
 def _row_of(job: Job, recorded: dict[str, dict]) -> dict | None:
     """``job``'s row in ``recorded`` if it is the same run (method, length, seed, overrides)."""
     r = recorded.get(job.name)

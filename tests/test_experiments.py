@@ -175,3 +175,51 @@ def test_recorded_rows_are_kept_on_a_new_machine_and_not_trained_again(tmp_path)
     (data / "toystreets.json").write_text(json.dumps({"version": 2, "seed": 1}))
     assert ex.recorded_rows(results, "smoke", data) == {}
     assert ex.recorded_rows(results, "toy", data) == {}
+
+
+def test_the_ablations_runs_fill_the_convergence_check_and_the_gap_matrix(tmp_path):
+    """``--ablation``: a convergence job at the ablation's length and seed, or the gap matrix's
+    default-data cell, is read from the ablation table; other lengths, variants, overrides or
+    another ToyStreets are not."""
+    import json
+
+    from confeti import experiments as ex
+    from confeti.__main__ import main
+    from confeti.labels import CLASSES
+
+    data = tmp_path / "toystreets"
+    data.mkdir()
+    (data / "toystreets.json").write_text(json.dumps({"version": 2, "seed": 0}))
+    run = {"seed": 0, "miou": 31.0, "iou": dict.fromkeys(CLASSES, 31.0), "seconds": 5.0}
+    ab = tmp_path / "ablation.json"
+    ab.write_text(json.dumps({"experiment": "ablation", "commit": "abc", "iters": 64,
+                              "data": "toystreets", "toystreets_version": 2, "toystreets_seed": 0,
+                              "methods": {"source_only": {"runs": [run]}}}))  # fmt: skip
+    jobs = ex.convergence_jobs(tmp_path / "conv", ["source_only", "oracle"], [64, 128])
+    assert set(ex.ablation_rows(ab, jobs, data)) == {"source_only@64"}
+    variant = tmp_path / "appearance"
+    gap = ex.gap_jobs(tmp_path / "gap", {"appearance": variant, "both": data}, ["source_only"], 64)
+    rows = ex.ablation_rows(ab, gap, data)
+    assert set(rows) == {"both/source_only"} and rows["both/source_only"]["variant"] == "both"
+    (data / "toystreets.json").write_text(json.dumps({"version": 2, "seed": 1}))
+    assert ex.ablation_rows(ab, jobs, data) == {}
+    (data / "toystreets.json").write_text(json.dumps({"version": 2, "seed": 0}))
+    # the command: collect-only writes the ablation's run as the convergence row, trains nothing
+    out = tmp_path / "results.json"
+    main(["experiment", "convergence", "--preset", "smoke", "--data", str(data), "--out",
+          str(tmp_path / "conv"), "--results", str(out), "--lengths", "64", "128",
+          "--methods", "source_only", "--ablation", str(ab), "--collect-only"])  # fmt: skip
+    res = json.loads(out.read_text())
+    assert [(r["name"], r["miou"], r["from"]) for r in res["runs"]] == [
+        ("source_only@64", 31.0, "ablation.json")
+    ]
+    assert res["toystreets"] == {"version": 2, "seed": 0}
+    # and the next call keeps it as a recorded row of its own file
+    main(["experiment", "convergence", "--preset", "smoke", "--data", str(data), "--out",
+          str(tmp_path / "conv"), "--results", str(out), "--lengths", "64", "128",
+          "--methods", "source_only", "--collect-only"])  # fmt: skip
+    assert [r["name"] for r in json.loads(out.read_text())["runs"]] == ["source_only@64"]
+    bad = tmp_path / "other.json"
+    bad.write_text(json.dumps({"experiment": "gapmatrix", "runs": []}))
+    with pytest.raises(SystemExit, match="not an ablation table"):
+        ex.ablation_rows(bad, jobs, data)
