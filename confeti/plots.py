@@ -349,7 +349,8 @@ def plot_training_curves(metrics: dict[str, list[dict]], keys=None) -> Figure:
 
 
 def plot_ablation(results: dict) -> Figure:
-    """Bars of mIoU mean ± std per method (left) and a per-class IoU heat-map (right)."""
+    """Bars of mIoU mean ± std per method with one black dot per seed (left; with two or three
+    seeds the runs themselves say more than a std) and a per-class IoU heat-map (right)."""
     import seaborn as sns
 
     methods = list(results)
@@ -370,11 +371,19 @@ def plot_ablation(results: dict) -> Figure:
         )
         colors = method_colors(methods)
         a.barh(methods, means, xerr=stds, color=[colors[m] for m in methods], capsize=3)
+        for i, m in enumerate(methods):  # the runs: one dot per seed
+            runs = [r["miou"] for r in results[m].get("runs", [])]
+            a.plot(runs, [i] * len(runs), "o", color="black", markeredgecolor="white",
+                   markersize=4.5, zorder=3)  # fmt: skip
         a.invert_yaxis()
-        a.set_xlabel("mIoU (%)  mean ± std over seeds")
-        for i, (m, s) in enumerate(zip(means, stds)):
-            a.text(m + s + 0.5, i, f"{m:.1f}", va="center", fontsize=8)
-        a.set_xlim(0, 1.15 * max(m + s for m, s in zip(means, stds)))  # room for the labels
+        seeds = sorted({results[m]["seeds"] for m in methods})
+        a.set_xlabel("mIoU (%): bar = mean ± std, ● = one seed\n"
+                     f"(seeds per method: {' or '.join(map(str, seeds))})")  # fmt: skip
+        right = [max([m + s] + [r["miou"] for r in results[k].get("runs", [])])
+                 for k, m, s in zip(methods, means, stds)]  # fmt: skip
+        for i, (m, x) in enumerate(zip(means, right)):
+            a.text(x + 1.0, i, f"{m:.1f}", va="center", fontsize=8)
+        a.set_xlim(0, 1.18 * max(right))  # room for the labels
         sns.heatmap(
             grid,
             ax=b,

@@ -199,6 +199,13 @@ def test_bars_take_the_method_colours_and_the_short_class_names():
     assert bars == [plots.METHOD_COLORS[m] for m in ("source_only", "style", "confeti")]
     assert [t.get_text() for t in fig.axes[1].get_xticklabels()] == list(SHORT_NAMES)
     plt.close(fig)
+    res = _ablation_res(["selftrain", "confeti"])
+    res["confeti"]["runs"] = [{"miou": 45.0}, {"miou": 47.0}]
+    fig = plots.plot_ablation(res)  # one dot per seed, on the method's row
+    dots = [ln for ln in fig.axes[0].lines if ln.get_marker() == "o"]
+    assert [list(d.get_xdata()) for d in dots] == [[], [45.0, 47.0]]
+    assert list(dots[1].get_ydata()) == [1, 1]
+    plt.close(fig)
     fig = plots.plot_per_class_iou({"selftrain": {c: 10.0 for c in CLASSES}, "oracle": {}})
     ax = fig.axes[0]
     assert {to_hex(b.get_facecolor()) for b in ax.patches[:19]} == {
