@@ -264,7 +264,11 @@ def test_extra_loss_gradient_joins_the_G_backward():
     assert max(float(p.grad.abs().max()) for p in ref.G.parameters()) > 100 * tol
     for p0, p1, pr in zip(runs[0].G.parameters(), runs[1].G.parameters(), ref.G.parameters()):
         assert torch.allclose(p1.grad - p0.grad, pr.grad, atol=tol)
-    assert _changed(_params(runs[0].G)[-2:], _params(runs[1].G)[-2:])  # the update differs
+    # the update differs somewhere in G. Not in every tensor: Adam's first step moves each weight
+    # by lr·g/(|g| + eps) ≈ lr·sign(g), so a tensor whose gradients keep their signs (the
+    # 3-element output bias, say) gets the same update with or without the extra term
+    before, after = _params(runs[0].G), _params(runs[1].G)
+    assert any(not torch.equal(x, y) for x, y in zip(before, after))
 
 
 def test_optim_state_round_trip():
