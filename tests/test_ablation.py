@@ -81,19 +81,27 @@ def test_interval_gap_closed_and_table_from_finished_runs(tmp_path):
     assert "| confeti | 47.0 ± 2.0 | 42.0 – 52.0 | 54 % | 3 |" in table
 
 
-def test_collect_only_writes_the_committed_table_with_its_provenance(tmp_path):
-    from confeti.ablation import run_ablation, run_dir
-    from confeti.config import get_preset
+def _finished_runs(tmp_path, out, toystreets_seed: int):
+    """A ToyStreets stamp and two finished seed-0 runs (source-only 30, oracle 60) under ``out``."""
+    from confeti.ablation import run_dir
     from confeti.labels import CLASSES
 
     data = tmp_path / "data"
     data.mkdir()
-    (data / "toystreets.json").write_text(json.dumps({"version": 2, "seed": 1}))
-    out = tmp_path / "runs"
+    (data / "toystreets.json").write_text(json.dumps({"version": 2, "seed": toystreets_seed}))
     for m, x in (("source_only", 30.0), ("oracle", 60.0)):
         d = run_dir(out, m, 0)
         d.mkdir(parents=True)
         (d / "eval.json").write_text(json.dumps({"miou": x, "iou": dict.fromkeys(CLASSES, x)}))
+    return data
+
+
+def test_collect_only_writes_the_committed_table_with_its_provenance(tmp_path):
+    from confeti.ablation import run_ablation, run_dir
+    from confeti.config import get_preset
+
+    out = tmp_path / "runs"
+    data = _finished_runs(tmp_path, out, toystreets_seed=1)
     target = tmp_path / "results" / "ablation.json"
     # collect-only: nothing trains although selftrain has no finished run (it would take minutes)
     run_ablation(get_preset("smoke"), data, out, seeds=3, progress=False, jobs=1,
@@ -114,17 +122,10 @@ def test_runs_recorded_in_the_committed_table_are_not_trained_again(tmp_path):
 
     from confeti.ablation import recorded_runs, run_ablation, run_dir
     from confeti.config import get_preset
-    from confeti.labels import CLASSES
 
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "toystreets.json").write_text(json.dumps({"version": 2, "seed": 0}))
     cfg = get_preset("smoke")
     first = tmp_path / "machine1"
-    for m, x in (("source_only", 30.0), ("oracle", 60.0)):
-        d = run_dir(first, m, 0)
-        d.mkdir(parents=True)
-        (d / "eval.json").write_text(json.dumps({"miou": x, "iou": dict.fromkeys(CLASSES, x)}))
+    data = _finished_runs(tmp_path, first, toystreets_seed=0)
     target = tmp_path / "results" / "ablation.json"
     run_ablation(cfg, data, first, seeds=1, progress=False, jobs=1,
                  methods=("source_only", "oracle"), results=target, collect_only=True)  # fmt: skip
