@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import METHODS, Config
-from .experiments import COST, provenance, write_results
+from .experiments import COST, provenance, toystreets_id, write_results
 from .labels import CLASSES, SHORT_NAMES
 
 # every method of the CLI, the oracle (the upper bound) last
@@ -79,8 +79,7 @@ def recorded_runs(path, cfg: Config, data) -> dict[tuple[str, int], dict]:
     if not path.is_file():
         return {}
     old = json.loads(path.read_text())
-    meta = Path(data) / "toystreets.json"
-    bench = json.loads(meta.read_text()) if meta.is_file() else {}
+    bench = toystreets_id(data) or {}
     same = (
         old.get("preset") == cfg.preset
         and old.get("iters") == cfg.iters
