@@ -157,6 +157,47 @@ def markdown_table(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def runs_markdown(res: dict) -> str:
+    """Every run's mIoU, one column per seed (the table the means and intervals come from)."""
+    seeds = sorted({r["seed"] for v in res.values() for r in v["runs"]})
+    lines = ["| method | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+             "|---" * (len(seeds) + 1) + "|"]  # fmt: skip
+    for m, v in res.items():
+        by_seed = {r["seed"]: r["miou"] for r in v["runs"]}
+        cells = ["–" if s not in by_seed else f"{by_seed[s]:.2f}" for s in seeds]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def paired_difference(res: dict, a: str, b: str) -> dict:
+    """Method ``a`` minus method ``b``, seed by seed, on the seeds both have.
+
+    A paired difference removes what a seed does to both runs (both start from the same
+    segmentor weights), so it is what says whether ``a`` beats ``b``:
+    d_s = mIoU_a(s) - mIoU_b(s), and per class d_s,c = IoU_a,c(s) - IoU_b,c(s).
+    Returns {"seeds": [s, ...], "miou": [d_s, ...], "iou": {class: [d_s,c, ...]}} (a class's
+    entry is None for a seed where either run has no IoU for it).
+    """
+    for m in (a, b):
+        if m not in res:
+            raise KeyError(f"paired_difference: method {m!r} is not in the table ({sorted(res)})")
+    ra = {r["seed"]: r for r in res[a]["runs"]}
+    rb = {r["seed"]: r for r in res[b]["runs"]}
+    seeds = sorted(set(ra) & set(rb))
+    if not seeds:
+        raise ValueError(f"paired_difference: {a!r} and {b!r} share no seed")
+
+    def diff(s, c):
+        x, y = ra[s]["iou"].get(c), rb[s]["iou"].get(c)
+        return None if x is None or y is None else round(x - y, 2)
+
+    return {
+        "seeds": seeds,
+        "miou": [round(ra[s]["miou"] - rb[s]["miou"], 2) for s in seeds],
+        "iou": {c: [diff(s, c) for s in seeds] for c in CLASSES},
+    }
+
+
 def save_results(path, res: dict, cfg: Config, data, seeds: int) -> None:
     """``res`` (``collect``'s table) with its provenance, written atomically to ``path``."""
     meta = Path(data) / "toystreets.json"

@@ -13,7 +13,8 @@ saves PNGs. One file per figure:
 - ``tsne.png``, ``centroid_distance.png``, ``alignment_scores.json``: source-only vs CONFETI in
   the backbone's feature space (both runs train it), and CONFETI's projection space with its
   prototypes;
-- ``ablation.png``, ``ablation_table.png``: from the ablation's ``results.json``.
+- ``ablation.png``, ``ablation_table.png``: from the ablation's ``results.json``;
+  ``ablation_difference.png``: CONFETI minus selftrain per class, seed by seed, from it.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from . import plots
-from .ablation import ABLATION_METHODS
+from .ablation import ABLATION_METHODS, paired_difference
 from .datasets import CityscapesDataset, GTA5Dataset
 from .embeddings import alignment, run_tsne, sample_embeddings
 
@@ -240,4 +241,7 @@ def write_figures(runs, data, out="figures", ablation=None) -> dict:
         res = json.loads(ablation.read_text())["methods"]
         save(plots.plot_ablation(res), "ablation.png")
         save(plots.plot_results_table(res), "ablation_table.png")
+        if "confeti" in res and "selftrain" in res:  # CONFETI against its self-training base
+            diff = paired_difference(res, "confeti", "selftrain")
+            save(plots.plot_paired_difference(diff, "confeti", "selftrain"), "ablation_difference.png")  # fmt: skip
     return written

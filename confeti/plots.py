@@ -12,6 +12,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 from matplotlib.transforms import blended_transform_factory
 
 from .labels import CLASSES, PALETTE, SHORT_NAMES, colorize
@@ -398,6 +400,37 @@ def plot_ablation(results: dict) -> Figure:
             annot_kws={"fontsize": 7},
         )
         b.set_title("per-class IoU (%)")
+        fig.tight_layout()
+    return fig
+
+
+def plot_paired_difference(diff: dict, a: str, b: str) -> Figure:
+    """Per-class IoU of ``a`` minus ``b`` (``ablation.paired_difference``): a bar for the mean
+    over seeds, one dot per seed, classes in the label order; the mIoU difference per seed in
+    the title. Bars above zero: classes ``a`` does better on."""
+    seeds = diff["seeds"]
+    vals = np.array([[np.nan if v is None else v for v in diff["iou"][c]] for c in CLASSES])
+    mean = np.nanmean(vals, axis=1)
+    x = np.arange(len(CLASSES))
+    colors = method_colors([a, b])
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(11, 3.4))
+        ax.bar(x, mean, color=[colors[a] if m >= 0 else colors[b] for m in mean], alpha=0.8)
+        for j in range(len(seeds)):
+            ax.plot(x, vals[:, j], "o", color="black", markeredgecolor="white", markersize=4.5,
+                    zorder=3)  # fmt: skip
+        n = f"{len(seeds)} seed{'s' if len(seeds) > 1 else ''}"
+        handles = [Patch(fc=colors[a], alpha=0.8, label=f"{a} better (mean over {n})"),
+                   Patch(fc=colors[b], alpha=0.8, label=f"{b} better (mean over {n})"),
+                   Line2D([], [], ls="", marker="o", color="black", markeredgecolor="white",
+                          label="one seed")]  # fmt: skip
+        ax.axhline(0, color="black", lw=0.8)
+        ax.set_xticks(x, SHORT_NAMES, rotation=45, ha="right")
+        ax.set_ylabel(f"IoU({a}) − IoU({b})\n(points)")
+        per_seed = ", ".join(f"{d:+.1f}" for d in diff["miou"])
+        ax.set_title(f"{a} − {b}, per class on city val (mIoU: {per_seed} on seeds "
+                     f"{', '.join(map(str, seeds))})")  # fmt: skip
+        ax.legend(handles=handles, fontsize=7, loc="lower left")
         fig.tight_layout()
     return fig
 

@@ -143,3 +143,45 @@ def test_runs_recorded_in_the_committed_table_are_not_trained_again(tmp_path):
                        methods=("oracle",), results=target, collect_only=True)  # fmt: skip
     assert set(res) == {"oracle"}
     assert set(json.loads(target.read_text())["methods"]) == {"source_only", "oracle"}
+
+
+def _table_of(runs: dict) -> dict:
+    """A collect()-shaped table from {method: {seed: (mIoU, per-class value)}}."""
+    from confeti.labels import CLASSES
+
+    return {
+        m: {
+            "runs": [
+                {"seed": s, "miou": x, "iou": dict.fromkeys(CLASSES, c)}
+                for s, (x, c) in by_seed.items()
+            ]
+        }  # fmt: skip
+        for m, by_seed in runs.items()
+    }
+
+
+def test_paired_difference_pairs_runs_by_seed_and_skips_unshared_seeds():
+    from confeti.ablation import paired_difference
+
+    res = _table_of({"confeti": {0: (46.0, 10.0), 1: (45.0, 20.0), 2: (44.0, 5.0)},
+                     "selftrain": {1: (47.0, 25.0), 0: (47.5, 4.0)}})  # fmt: skip
+    res["selftrain"]["runs"][0]["iou"]["bicycle"] = None  # seed 1 has no bicycle IoU
+    d = paired_difference(res, "confeti", "selftrain")
+    assert d["seeds"] == [0, 1]  # seed 2 only in confeti: not paired
+    assert d["miou"] == [-1.5, -2.0]
+    assert d["iou"]["road"] == [6.0, -5.0]
+    assert d["iou"]["bicycle"] == [6.0, None]
+    with pytest.raises(KeyError, match="oracle"):
+        paired_difference(res, "oracle", "selftrain")
+    with pytest.raises(ValueError, match="share no seed"):
+        paired_difference(_table_of({"a": {0: (1.0, 1.0)}, "b": {1: (1.0, 1.0)}}), "a", "b")
+
+
+def test_runs_markdown_has_a_column_per_seed_and_a_dash_for_a_missing_run():
+    from confeti.ablation import runs_markdown
+
+    md = runs_markdown(_table_of({"style": {0: (43.58, 1.0)}, "fda": {0: (35.92, 1.0), 1: (35.87, 1.0)}}))  # fmt: skip
+    lines = md.splitlines()
+    assert lines[0] == "| method | seed 0 | seed 1 |"
+    assert lines[2] == "| style | 43.58 | – |"
+    assert lines[3] == "| fda | 35.92 | 35.87 |"

@@ -354,3 +354,21 @@ def test_write_figures_from_finished_runs(toy, tmp_path):
     assert f"{cfg.iters:,} iterations" in fig._suptitle.get_text()  # which state drew it
     assert f"t = {cfg.iters:,} (iteration {total + 1:,}" in fig._suptitle.get_text()
     plt.close(fig)
+
+
+def test_paired_difference_plot_draws_the_mean_per_class_and_a_dot_per_seed():
+    diff = {"seeds": [0, 1], "miou": [-1.0, -1.6],
+            "iou": {c: [2.0, 4.0] for c in CLASSES}}  # fmt: skip
+    diff["iou"]["bicycle"] = [-17.0, -13.0]
+    fig = plots.plot_paired_difference(diff, "confeti", "selftrain")
+    ax = fig.axes[0]
+    heights = [b.get_height() for b in ax.patches]
+    assert heights[CLASSES.index("bicycle")] == -15.0 and heights[0] == 3.0
+    # a gain is drawn in CONFETI's colour, a loss in selftrain's
+    assert to_hex(ax.patches[0].get_facecolor()) == plots.METHOD_COLORS["confeti"]
+    assert to_hex(ax.patches[CLASSES.index("bicycle")].get_facecolor()) == plots.METHOD_COLORS["selftrain"]  # fmt: skip
+    dots = [ln for ln in ax.lines if ln.get_marker() == "o"]
+    assert len(dots) == 2 and list(dots[1].get_ydata())[CLASSES.index("bicycle")] == -13.0
+    assert "-1.0, -1.6" in ax.get_title()
+    assert [t.get_text() for t in ax.get_xticklabels()] == list(SHORT_NAMES)
+    plt.close(fig)
