@@ -213,12 +213,39 @@ def _cmd_gpu_check(a) -> None:
     print(f"wrote {Path(a.out) / 'gpu_check.json'}")
 
 
+def _grid(a, results: Path) -> None:
+    from . import experiments as ex
+    from .labels import CLASSES, SHORT_NAMES
+
+    if a.data is None or a.ablation is None:
+        raise SystemExit("experiment grid: --data (a ToyStreets folder) and --ablation "
+                         "(an ablation table, e.g. results/ablation_3seeds.json) are required")  # fmt: skip
+    if not Path(a.ablation).is_file():
+        raise SystemExit(f"experiment grid: --ablation {a.ablation}: no such file")
+    res = ex.grid_experiment(Path(a.data), a.preset, Path(a.ablation))
+    ex.write_results(res, results)
+    keys = list(res["differences"])
+    print(f"grid {res['grid']} for crops {res['crop']}: share of each class's pixels kept")
+    print("| class | kept (city val) | kept (game) | " + " | ".join(keys) + " |")
+    print("|---" * (3 + len(keys)) + "|")
+    for c, short in zip(CLASSES, SHORT_NAMES):
+        k = res["classes"][c]
+        d = " | ".join(f"{res['differences'][key]['iou'][c]:+.1f}" for key in keys)
+        print(f"| {short} | {k['survival_target']:.2f} | {k['survival_source']:.2f} | {d} |")
+    for key, r in res["correlation"].items():
+        print(f"Spearman rho (kept on city val, {key}): {r['spearman_target']:+.2f}; "
+              f"(kept on game): {r['spearman_source']:+.2f}")  # fmt: skip
+    print(f"-> {results}")
+
+
 def _cmd_experiment(a) -> None:
     from . import experiments as ex
 
     results = Path(a.results)
     if a.name == "plot":  # the convergence figure from a results file, without any training
         return _plot_convergence(results, a.figure)
+    if a.name == "grid":  # no training: labels and a committed ablation table
+        return _grid(a, results)
     if a.data is None or a.out is None:
         raise SystemExit(f"experiment {a.name}: --data and --out are required")
     data, out = Path(a.data), Path(a.out)
@@ -252,7 +279,7 @@ def _cmd_experiment(a) -> None:
         extra = {"iters": iters, "methods": methods, "variants": knobs}
     else:
         raise SystemExit(
-            f"unknown experiment {a.name!r}; choose tune, convergence, losses or gapmatrix"
+            f"unknown experiment {a.name!r}; choose tune, convergence, losses, gapmatrix, plot or grid"
         )
     extra["toystreets"] = ex.toystreets_id(data)
     recorded = ex.recorded_rows(results, a.preset, data)  # the committed runs: not trained again
@@ -428,7 +455,8 @@ def main(argv=None) -> None:
     p = sub.add_parser("experiment",
                        help="many runs: 'tune' (tuning split), 'convergence', 'losses', 'gapmatrix'")  # fmt: skip
     p.add_argument("name", help="tune | convergence | losses | gapmatrix | plot (the convergence figure "
-                   "from --results)")  # fmt: skip
+                   "from --results) | grid (no training: how much of each class the contrast's "
+                   "feature grid keeps, against --ablation's per-class differences)")  # fmt: skip
     p.add_argument("--preset", default="toy")
     p.add_argument("--data", default=None)
     p.add_argument("--tune-data", default=None, help="tune: the tuning split (never reported)")

@@ -17,6 +17,8 @@ tables and figures regenerate from it without retraining, and a new machine lose
 - ``gapmatrix``: ToyStreets variants (appearance gap only, content gap only, both) x methods at one
   run length: which alignment closes which gap. The same machinery with other variants
   (``--variant name:knob=value,...``) calibrates the benchmark's knobs.
+- ``grid`` (no training): how much of each class survives the resize of its labels to the
+  contrast's feature grid, against an ablation table's per-class paired differences.
 """
 
 from __future__ import annotations
@@ -375,3 +377,100 @@ def gap_markdown(table: dict[str, dict[str, float]], methods=GAP_METHODS) -> str
                          ("source_only", "oracle") else f" ({g:.0f} %)"))  # fmt: skip
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+# ---- grid: how much of each class the contrast's feature grid keeps (no training) ------------
+GRID_PAIRS = (("confeti", "selftrain"), ("selftrain+contrast", "selftrain"),
+              ("confeti", "selftrain+contrast"))  # fmt: skip
+
+
+def spearman(x, y) -> float:
+    """Spearman's rank correlation (ties get their average rank): Pearson's r of the ranks."""
+    import numpy as np
+
+    def ranks(v):
+        v = np.asarray(v, dtype=float)
+        order = v.argsort(kind="stable")
+        r = np.empty(len(v))
+        r[order] = np.arange(len(v), dtype=float)
+        for u in np.unique(v):  # ties: the mean of their ranks
+            r[v == u] = r[v == u].mean()
+        return r
+
+    rx, ry = ranks(x), ranks(y)
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def feature_grid(cfg: Config) -> tuple[int, int]:
+    """(h, w) of the segmentor's feature map for one training crop: the grid the contrast's
+    labels are resized to (one forward pass of an untrained model on zeros)."""
+    import dataclasses
+
+    from .train import Segmentor
+
+    model = Segmentor(dataclasses.replace(cfg, pretrained=None)).eval()
+    with torch.no_grad():
+        logits, _ = model(torch.zeros(1, 3, *cfg.crop_size))
+    return tuple(logits.shape[-2:])
+
+
+def class_survival(data: Path, cfg: Config, grid: tuple[int, int], n_source: int = 500) -> dict:
+    """Per class: the share of its pixels that keep their label on ``grid`` (``grid_survival``),
+    on city val (all images) and on the first ``n_source`` game images, both resized as the
+    toy recipe trains (``target_resize``, ``source_resize``); and its share of city val pixels."""
+    from .datasets import CityscapesDataset, GTA5Dataset
+    from .labels import CLASSES, grid_survival
+
+    def over(ds, n):
+        kept = total = 0
+        for i in range(min(n, len(ds))):
+            k, t = grid_survival(ds[i][1][None].long(), grid)
+            kept, total = kept + k, total + t
+        return kept, total
+
+    val = CityscapesDataset(Path(data) / "cityscapes", split="val", resize=cfg.target_resize,
+                            crop_size=None, check=False)  # fmt: skip
+    src = GTA5Dataset(Path(data) / "gta5", resize=cfg.source_resize, crop_size=None, check=False)
+    kt, tt = over(val, len(val))
+    ks, ts = over(src, n_source)
+    share = tt.double() / tt.sum()
+    return {
+        c: {
+            "survival_target": round(float(kt[i]) / max(int(tt[i]), 1), 3),
+            "survival_source": round(float(ks[i]) / max(int(ts[i]), 1), 3),
+            "share_target_percent": round(100 * float(share[i]), 3),
+        }
+        for i, c in enumerate(CLASSES)
+    }
+
+
+def grid_experiment(data: Path, preset: str, ablation: Path, pairs=GRID_PAIRS) -> dict:
+    """``experiment grid``: the contrast grid's class survival against the ablation's per-class
+    paired differences (``ablation.paired_difference``, mean over the shared seeds). A positive
+    Spearman rho: the classes the grid loses are the classes the method loses."""
+    import numpy as np
+
+    from .ablation import paired_difference
+    from .labels import CLASSES
+
+    cfg = get_preset(preset)
+    grid = feature_grid(cfg)
+    classes = class_survival(data, cfg, grid)
+    table = json.loads(Path(ablation).read_text())["methods"]
+    diffs, rho = {}, {}
+    for a, b in pairs:
+        if a not in table or b not in table:
+            continue
+        d = paired_difference(table, a, b)
+        mean = {c: float(np.mean([v for v in d["iou"][c] if v is not None])) for c in CLASSES}
+        key = f"{a} - {b}"
+        diffs[key] = {"seeds": d["seeds"], "iou": {c: round(v, 2) for c, v in mean.items()}}
+        rho[key] = {
+            f"spearman_{dom}": round(
+                spearman([classes[c][f"survival_{dom}"] for c in CLASSES], list(mean.values())), 3
+            )
+            for dom in ("target", "source")
+        }
+    return {"experiment": "grid", **provenance(preset), "toystreets": toystreets_id(data),
+            "crop": list(cfg.crop_size), "grid": list(grid), "ablation": str(ablation),
+            "classes": classes, "differences": diffs, "correlation": rho}  # fmt: skip

@@ -125,3 +125,22 @@ def resize_labels(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         return labels
     out = torch.nn.functional.interpolate(labels[:, None].float(), size=size, mode="nearest")
     return out[:, 0].long()  # (B, h, w)
+
+
+def grid_survival(labels: torch.Tensor, grid: tuple[int, int], num_classes: int = NUM_CLASSES):
+    """How much of each class a coarse label grid keeps: the labels a loss on the feature grid
+    sees (``resize_labels`` to ``grid``, nearest, as the pixel-to-prototype contrast does).
+
+    A pixel of class c "survives" when the grid cell it falls in carries label c, i.e. when
+    resize_labels(resize_labels(y, grid), (H, W))[p] == y[p] == c. Thin or small classes (poles,
+    traffic lights, bicycles) survive least: their pixels mostly fall in cells sampled on a
+    neighbour. Returns (kept, total): per class, the surviving pixels and all its pixels
+    (ignored pixels count for no class).
+    Shape: labels (B, H, W) long -> kept (C,), total (C,) int64.
+    """
+    back = resize_labels(resize_labels(labels, grid), tuple(labels.shape[-2:]))  # (B, H, W)
+    valid = (labels >= 0) & (labels < num_classes)
+    y = labels[valid]
+    total = torch.bincount(y, minlength=num_classes)[:num_classes]
+    kept = torch.bincount(y[back[valid] == y], minlength=num_classes)[:num_classes]
+    return kept, total

@@ -223,3 +223,39 @@ def test_the_ablations_runs_fill_the_convergence_check_and_the_gap_matrix(tmp_pa
     bad.write_text(json.dumps({"experiment": "gapmatrix", "runs": []}))
     with pytest.raises(SystemExit, match="not an ablation table"):
         ex.ablation_rows(bad, jobs, data)
+
+
+def test_spearman_is_one_for_a_monotone_pair_and_averages_ties():
+    from confeti.experiments import spearman
+
+    assert spearman([1, 2, 3, 4], [10, 20, 35, 90]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # ties: [1, 1, 2] ranks (0.5, 0.5, 2) against (0, 1, 2): r of the ranks
+    assert spearman([1, 1, 2], [0, 1, 2]) == pytest.approx(0.8660254, abs=1e-6)
+
+
+def test_experiment_grid_reads_labels_and_the_ablation_table_and_trains_nothing(toy, tmp_path):
+    import json
+
+    from confeti.__main__ import main
+    from confeti.labels import CLASSES
+
+    runs = {m: [{"seed": s, "miou": 40.0 + s, "iou": {c: 40.0 + i * (m == "confeti")
+                                                       for i, c in enumerate(CLASSES)}}
+                for s in (0, 1)] for m in ("confeti", "selftrain")}  # fmt: skip
+    ab = tmp_path / "ablation.json"
+    ab.write_text(json.dumps({"methods": {m: {"runs": r} for m, r in runs.items()}}))
+    out = tmp_path / "grid.json"
+    main(["experiment", "grid", "--preset", "smoke", "--data", str(toy), "--ablation", str(ab),
+          "--results", str(out)])  # fmt: skip
+    res = json.loads(out.read_text())
+    assert list(res["differences"]) == ["confeti - selftrain"]  # pairs without runs are left out
+    assert res["differences"]["confeti - selftrain"]["iou"]["bicycle"] == 18.0
+    assert res["toystreets"]["seed"] == 0 and len(res["grid"]) == 2
+    assert res["grid"][0] < res["crop"][0]  # the feature grid is coarser than the crop
+    kept = [res["classes"][c]["survival_target"] for c in CLASSES]
+    assert all(0.0 <= k <= 1.0 for k in kept) and max(kept) > 0
+    shares = sum(res["classes"][c]["share_target_percent"] for c in CLASSES)
+    assert shares == pytest.approx(100.0, abs=0.1)
+    with pytest.raises(SystemExit, match="--ablation"):
+        main(["experiment", "grid", "--data", str(toy), "--results", str(out)])

@@ -46,3 +46,18 @@ def test_colorize_and_resize_labels():
     assert rgb.shape == (1, 2, 3) and tuple(rgb[0, 0]) == (128, 64, 128) and rgb[0, 1].sum() == 0
     lab = torch.arange(16).view(1, 4, 4)
     assert L.resize_labels(lab, (2, 2)).tolist() == [[[0, 2], [8, 10]]]
+
+
+def test_grid_survival_keeps_wide_classes_and_loses_a_one_pixel_pole():
+    from confeti.labels import grid_survival
+
+    y = torch.zeros(1, 16, 16, dtype=torch.long)  # road everywhere
+    y[0, :, 8:] = 2  # building: the right half, cut exactly at a cell border
+    y[0, :, 5] = 5  # a one-pixel pole, not on a sampled column of the 2x2 grid
+    y[0, 3, 3] = 255  # ignored (not a sampled pixel): counts for no class
+    kept, total = grid_survival(y, (2, 2))
+    assert total[0] == 16 * 7 - 1 and total[2] == 16 * 8 and total[5] == 16
+    assert kept[2] == total[2]  # building fills its cells
+    assert kept[5] == 0  # the pole falls in cells sampled on road
+    assert kept[0] == total[0]
+    assert kept.sum() == total.sum() - 16  # only the pole's pixels are lost
