@@ -222,7 +222,7 @@ def _grid(a, results: Path) -> None:
                          "(an ablation table, e.g. results/ablation_3seeds.json) are required")  # fmt: skip
     if not Path(a.ablation).is_file():
         raise SystemExit(f"experiment grid: --ablation {a.ablation}: no such file")
-    res = ex.grid_experiment(Path(a.data), a.preset, Path(a.ablation))
+    res = ex.grid_experiment(Path(a.data), a.preset, Path(a.ablation), ckpts=a.ckpt or ())
     ex.write_results(res, results)
     keys = list(res["differences"])
     print(f"grid {res['grid']} for crops {res['crop']}: share of each class's pixels kept")
@@ -235,6 +235,17 @@ def _grid(a, results: Path) -> None:
     for key, r in res["correlation"].items():
         print(f"Spearman rho (kept on city val, {key}): {r['spearman_target']:+.2f}; "
               f"(kept on game): {r['spearman_source']:+.2f}")  # fmt: skip
+    for g in res["generators"]:
+        print(f"generator of {g['ckpt']} ({g['method']}, seed {g['seed']}): mean contrast of a "
+              "class with its 2-pixel surroundings, game -> G(game), city val")  # fmt: skip
+        for c, short in zip(CLASSES, SHORT_NAMES):
+            v = g["classes"][c]
+            cells = ["–" if v[k] is None else f"{v[k]:.3f}"
+                     for k in ("contrast_source", "contrast_translated", "contrast_target")]  # fmt: skip
+            print(f"| {short} | " + " | ".join(cells) + " |")
+        for ratio, what in (("kept_of_source", "G(game) / game"), ("of_target", "G(game) / city")):
+            for key, r in g["correlation"][ratio].items():
+                print(f"Spearman rho (contrast {what}, {key}): {r:+.2f}")
     print(f"-> {results}")
 
 
@@ -478,6 +489,9 @@ def main(argv=None) -> None:
                    "(same method, length, seed and data) from it instead of training them")  # fmt: skip
     p.add_argument("--collect-only", action="store_true",
                    help="write --results from the finished runs, train nothing")  # fmt: skip
+    p.add_argument("--ckpt", action="append", default=None,
+                   help="grid: also measure how much of each class's contrast the generator G "
+                   "of this run keeps (RUN/checkpoint.pt; repeat)")  # fmt: skip
     p.set_defaults(fn=_cmd_experiment)
 
     p = sub.add_parser("reproduce", help="the whole toy pipeline: data, runs, notebooks, figures")

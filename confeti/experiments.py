@@ -444,7 +444,45 @@ def class_survival(data: Path, cfg: Config, grid: tuple[int, int], n_source: int
     }
 
 
-def grid_experiment(data: Path, preset: str, ablation: Path, pairs=GRID_PAIRS) -> dict:
+def generator_contrast(ckpt: Path, data: Path, n_source: int = 200, batch: int = 20) -> dict:
+    """Per class, the mean ``stylize.class_contrast`` of the first ``n_source`` game images, of
+    their translations by the generator G of the run ``ckpt``, and of city val (every image):
+    how much of each class's contrast with its surroundings G keeps."""
+    from .datasets import CityscapesDataset, GTA5Dataset
+    from .labels import CLASSES
+    from .runner import load_for_eval
+    from .stylize import class_contrast
+
+    state, cfg = load_for_eval(ckpt, "cpu")
+    if state.style is None:
+        raise SystemExit(f"experiment grid: --ckpt {ckpt}: the run has no generator G")
+    src = GTA5Dataset(Path(data) / "gta5", resize=cfg.source_resize, crop_size=None, check=False)
+    val = CityscapesDataset(Path(data) / "cityscapes", split="val", resize=cfg.target_resize,
+                            crop_size=None, check=False)  # fmt: skip
+
+    def mean_contrast(ds, n, translate):
+        sums = counts = 0
+        for i in range(0, min(n, len(ds)), batch):
+            xs, ys = zip(*(ds[j] for j in range(i, min(i + batch, n, len(ds)))))
+            x, y = torch.stack(xs), torch.stack(ys).long()
+            if translate:
+                with torch.no_grad():
+                    x = state.style.translate(x)
+            s_, c_ = class_contrast(x, y)
+            sums, counts = sums + s_, counts + c_
+        return [None if int(c) == 0 else round(float(v / c), 4) for v, c in zip(sums, counts)]
+
+    a = mean_contrast(src, n_source, False)
+    b = mean_contrast(src, n_source, True)
+    t = mean_contrast(val, len(val), False)
+    meta = json.loads((Path(ckpt).parent / "config.json").read_text())
+    return {"ckpt": str(ckpt), "method": meta["method"], "seed": cfg.seed,
+            "classes": {c: {"contrast_source": a[i], "contrast_translated": b[i],
+                            "contrast_target": t[i]} for i, c in enumerate(CLASSES)}}  # fmt: skip
+
+
+def grid_experiment(data: Path, preset: str, ablation: Path, pairs=GRID_PAIRS,
+                    ckpts=()) -> dict:  # fmt: skip
     """``experiment grid``: the contrast grid's class survival against the ablation's per-class
     paired differences (``ablation.paired_difference``, mean over the shared seeds). A positive
     Spearman rho: the classes the grid loses are the classes the method loses."""
@@ -471,6 +509,21 @@ def grid_experiment(data: Path, preset: str, ablation: Path, pairs=GRID_PAIRS) -
             )
             for dom in ("target", "source")
         }
+    generators = []
+    for ck in ckpts:  # how much of each class's contrast the generator of a run keeps
+        g = generator_contrast(Path(ck), data)
+        g["correlation"] = {}
+        for ratio, ref in (("kept_of_source", "contrast_source"), ("of_target", "contrast_target")):
+            # per class: contrast in G(game) / in game (what G keeps), or / in the city (how
+            # visible a translated object is next to a real one)
+            r = {c: v["contrast_translated"] / v[ref] for c, v in g["classes"].items()
+                 if v[ref] and v["contrast_translated"] is not None}  # fmt: skip
+            g["correlation"][ratio] = {
+                key: round(spearman([r[c] for c in r], [d["iou"][c] for c in r]), 3)
+                for key, d in diffs.items()
+            }
+        generators.append(g)
     return {"experiment": "grid", **provenance(preset), "toystreets": toystreets_id(data),
             "crop": list(cfg.crop_size), "grid": list(grid), "ablation": str(ablation),
-            "classes": classes, "differences": diffs, "correlation": rho}  # fmt: skip
+            "classes": classes, "differences": diffs, "correlation": rho,
+            "generators": generators}  # fmt: skip

@@ -446,3 +446,29 @@ class StyleTransfer(nn.Module):
         x_s2t, keys = self.translate_with_keys(x_s)
         logs = {**self.d_step(x_s2t, x_t), **self.g_step(x_s, x_t, x_s2t, src_feats=keys)}
         return dict(zip(logs, torch.stack(list(logs.values())).tolist()))
+
+
+def class_contrast(x: torch.Tensor, labels: torch.Tensor, num_classes: int = 19, ring: int = 2,
+                   min_pixels: int = 4) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """How much each class stands out from what surrounds it: what a translation must keep for a
+    thin object (a pole, a bicycle) to stay visible under its unchanged label.
+
+    For every image b and class c with at least ``min_pixels`` pixels M_bc, the ring R_bc is the
+    labelled pixels within ``ring`` pixels of M_bc but not in it, and
+    contrast_bc = || mean_{p in M_bc} x_p - mean_{p in R_bc} x_p ||_2 (RGB of denormalised x).
+    Returns (sums, counts) per class over the batch; sums / counts is the mean contrast, and
+    the same labels on G(x) against x say how much of it G keeps.
+    Shape: x (B, 3, H, W) ImageNet-normalised, labels (B, H, W) long -> (C,), (C,).
+    """
+    rgb = denormalize(x).float()  # [0, 1]
+    valid = (labels >= 0) & (labels < num_classes)  # (B, H, W)
+    onehot = F.one_hot(torch.where(valid, labels, 0), num_classes).permute(0, 3, 1, 2)
+    m = (onehot * valid[:, None]).float()  # (B, C, H, W): M_bc
+    near = F.max_pool2d(m, 2 * ring + 1, stride=1, padding=ring)  # dilation by ``ring``
+    r = near * (1 - m) * valid[:, None]  # (B, C, H, W): R_bc
+    n_m, n_r = m.sum((2, 3)), r.sum((2, 3))  # (B, C)
+    mean_m = torch.einsum("bkhw,bchw->bck", rgb, m) / n_m.clamp(min=1)[..., None]  # (B, C, 3)
+    mean_r = torch.einsum("bkhw,bchw->bck", rgb, r) / n_r.clamp(min=1)[..., None]
+    ok = (n_m >= min_pixels) & (n_r > 0)  # (B, C)
+    d = (mean_m - mean_r).norm(dim=-1) * ok  # (B, C)
+    return d.sum(0), ok.sum(0)

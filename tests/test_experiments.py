@@ -259,3 +259,30 @@ def test_experiment_grid_reads_labels_and_the_ablation_table_and_trains_nothing(
     assert shares == pytest.approx(100.0, abs=0.1)
     with pytest.raises(SystemExit, match="--ablation"):
         main(["experiment", "grid", "--data", str(toy), "--results", str(out)])
+
+
+def test_experiment_grid_measures_what_a_runs_generator_keeps(toy, tmp_path):
+    import json
+
+    from confeti.__main__ import build_config, main
+    from confeti.labels import CLASSES
+    from confeti.runner import train
+
+    cfg = build_config("smoke", iters=4)
+    train(cfg, "style", toy, tmp_path / "style", progress=False)
+    train(cfg, "source_only", toy, tmp_path / "so", progress=False)
+    runs = [{"seed": 0, "miou": 40.0, "iou": {c: float(i) for i, c in enumerate(CLASSES)}}]
+    ab = tmp_path / "ablation.json"
+    ab.write_text(json.dumps({"methods": {"confeti": {"runs": runs}, "selftrain": {"runs": runs}}}))
+    out = tmp_path / "grid.json"
+    main(["experiment", "grid", "--preset", "smoke", "--data", str(toy), "--ablation", str(ab),
+          "--results", str(out), "--ckpt", str(tmp_path / "style" / "checkpoint.pt")])  # fmt: skip
+    (g,) = json.loads(out.read_text())["generators"]
+    assert g["method"] == "style" and g["seed"] == cfg.seed
+    seen = [v for v in g["classes"].values() if v["contrast_source"] is not None]
+    assert seen and all(v["contrast_translated"] >= 0 for v in seen)
+    assert set(g["correlation"]) == {"kept_of_source", "of_target"}
+    assert set(g["correlation"]["of_target"]) == {"confeti - selftrain"}
+    with pytest.raises(SystemExit, match="has no generator"):
+        main(["experiment", "grid", "--preset", "smoke", "--data", str(toy), "--ablation",
+              str(ab), "--results", str(out), "--ckpt", str(tmp_path / "so" / "checkpoint.pt")])  # fmt: skip

@@ -438,3 +438,24 @@ def test_patch_sampler_gathers_the_same_patches_in_both_layouts():
     flat = feats[1].permute(0, 2, 3, 1).flatten(1, 2)[:, ids[1]].flatten(0, 1)
     z = F_.mlps[1](flat)
     assert torch.allclose(want[1], z / (z.norm(dim=1, keepdim=True) + 1e-7), atol=1e-7)
+
+
+def test_class_contrast_measures_a_thin_object_against_its_surroundings():
+    from confeti.datasets import normalize
+    from confeti.stylize import class_contrast
+
+    rgb = torch.full((1, 3, 16, 16), 0.5)
+    rgb[0, :, :, 7] = 1.0  # a white one-pixel pole on grey
+    y = torch.zeros(1, 16, 16, dtype=torch.long)
+    y[0, :, 7] = 5
+    sums, counts = class_contrast(normalize(rgb), y)
+    assert counts[5] == 1 and counts[0] == 1 and counts[2] == 0  # no building: not counted
+    assert float(sums[5]) == pytest.approx(3**0.5 * 0.5, abs=1e-5)  # |(1,1,1) - (.5,.5,.5)|
+    # a translation that smears the pole into the road keeps none of its contrast
+    smeared = torch.full((1, 3, 16, 16), 0.5)
+    sums2, _ = class_contrast(normalize(smeared), y)
+    assert float(sums2[5]) == pytest.approx(0.0, abs=1e-5)
+    # too few pixels: a class is skipped
+    y2 = torch.zeros(1, 16, 16, dtype=torch.long)
+    y2[0, 0, 7] = 5
+    assert class_contrast(normalize(rgb), y2)[1][5] == 0
