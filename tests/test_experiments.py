@@ -219,6 +219,11 @@ def test_the_ablations_runs_fill_the_convergence_check_and_the_gap_matrix(tmp_pa
           str(tmp_path / "conv"), "--results", str(out), "--lengths", "64", "128",
           "--methods", "source_only", "--collect-only"])  # fmt: skip
     assert [r["name"] for r in json.loads(out.read_text())["runs"]] == ["source_only@64"]
+    # a call for another method keeps the file's rows of the methods it does not run
+    main(["experiment", "convergence", "--preset", "smoke", "--data", str(data), "--out",
+          str(tmp_path / "conv"), "--results", str(out), "--lengths", "64", "128",
+          "--methods", "oracle", "--collect-only"])  # fmt: skip
+    assert [r["name"] for r in json.loads(out.read_text())["runs"]] == ["source_only@64"]
     bad = tmp_path / "other.json"
     bad.write_text(json.dumps({"experiment": "gapmatrix", "runs": []}))
     with pytest.raises(SystemExit, match="not an ablation table"):
