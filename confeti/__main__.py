@@ -222,7 +222,13 @@ def _grid(a, results: Path) -> None:
                          "(an ablation table, e.g. results/ablation_3seeds.json) are required")  # fmt: skip
     if not Path(a.ablation).is_file():
         raise SystemExit(f"experiment grid: --ablation {a.ablation}: no such file")
-    res = ex.grid_experiment(Path(a.data), a.preset, Path(a.ablation), ckpts=a.ckpt or ())
+    earlier = []  # generators an earlier call measured on the same data (their runs may be gone)
+    if Path(results).is_file():
+        old = json.loads(Path(results).read_text())
+        if old.get("experiment") == "grid" and old.get("toystreets") == ex.toystreets_id(a.data):
+            earlier = old.get("generators", [])
+    res = ex.grid_experiment(Path(a.data), a.preset, Path(a.ablation), ckpts=a.ckpt or (),
+                             earlier=earlier)  # fmt: skip
     ex.write_results(res, results)
     keys = list(res["differences"])
     print(f"grid {res['grid']} for crops {res['crop']}: share of each class's pixels kept")

@@ -381,7 +381,8 @@ def gap_markdown(table: dict[str, dict[str, float]], methods=GAP_METHODS) -> str
 
 # ---- grid: how much of each class the contrast's feature grid keeps (no training) ------------
 GRID_PAIRS = (("confeti", "selftrain"), ("selftrain+contrast", "selftrain"),
-              ("confeti", "selftrain+contrast"))  # fmt: skip
+              ("confeti", "selftrain+contrast"), ("selftrain+style", "selftrain"),
+              ("confeti", "selftrain+style"))  # fmt: skip
 
 
 def spearman(x, y) -> float:
@@ -481,11 +482,28 @@ def generator_contrast(ckpt: Path, data: Path, n_source: int = 200, batch: int =
                             "contrast_target": t[i]} for i, c in enumerate(CLASSES)}}  # fmt: skip
 
 
+def _generator_correlation(g: dict, diffs: dict) -> dict:
+    """Spearman rho over the classes between a generator's per-class contrast ratios and each
+    paired difference in ``diffs``: contrast in G(game) / in game (what G keeps), or / in the
+    city (how visible a translated object is next to a real one)."""
+    out = {}
+    for ratio, ref in (("kept_of_source", "contrast_source"), ("of_target", "contrast_target")):
+        r = {c: v["contrast_translated"] / v[ref] for c, v in g["classes"].items()
+             if v[ref] and v["contrast_translated"] is not None}  # fmt: skip
+        out[ratio] = {key: round(spearman([r[c] for c in r], [d["iou"][c] for c in r]), 3)
+                      for key, d in diffs.items()}  # fmt: skip
+    return out
+
+
 def grid_experiment(data: Path, preset: str, ablation: Path, pairs=GRID_PAIRS,
-                    ckpts=()) -> dict:  # fmt: skip
+                    ckpts=(), earlier=()) -> dict:  # fmt: skip
     """``experiment grid``: the contrast grid's class survival against the ablation's per-class
     paired differences (``ablation.paired_difference``, mean over the shared seeds). A positive
-    Spearman rho: the classes the grid loses are the classes the method loses."""
+    Spearman rho: the classes the grid loses are the classes the method loses.
+
+    ``ckpts``: measure the generator of each run (``generator_contrast``). ``earlier``: the
+    ``generators`` of a previous result on the same data, kept (their correlations recomputed
+    against this table) unless a checkpoint of the same method and seed is measured now."""
     import numpy as np
 
     from .ablation import paired_difference
@@ -499,7 +517,10 @@ def grid_experiment(data: Path, preset: str, ablation: Path, pairs=GRID_PAIRS,
     for a, b in pairs:
         if a not in table or b not in table:
             continue
-        d = paired_difference(table, a, b)
+        try:
+            d = paired_difference(table, a, b)
+        except ValueError:  # no seed both have finished yet
+            continue
         mean = {c: float(np.mean([v for v in d["iou"][c] if v is not None])) for c in CLASSES}
         key = f"{a} - {b}"
         diffs[key] = {"seeds": d["seeds"], "iou": {c: round(v, 2) for c, v in mean.items()}}
@@ -509,20 +530,11 @@ def grid_experiment(data: Path, preset: str, ablation: Path, pairs=GRID_PAIRS,
             )
             for dom in ("target", "source")
         }
-    generators = []
-    for ck in ckpts:  # how much of each class's contrast the generator of a run keeps
-        g = generator_contrast(Path(ck), data)
-        g["correlation"] = {}
-        for ratio, ref in (("kept_of_source", "contrast_source"), ("of_target", "contrast_target")):
-            # per class: contrast in G(game) / in game (what G keeps), or / in the city (how
-            # visible a translated object is next to a real one)
-            r = {c: v["contrast_translated"] / v[ref] for c, v in g["classes"].items()
-                 if v[ref] and v["contrast_translated"] is not None}  # fmt: skip
-            g["correlation"][ratio] = {
-                key: round(spearman([r[c] for c in r], [d["iou"][c] for c in r]), 3)
-                for key, d in diffs.items()
-            }
-        generators.append(g)
+    measured = [generator_contrast(Path(ck), data) for ck in ckpts]
+    now = {(g["method"], g["seed"]) for g in measured}
+    generators = [dict(g) for g in earlier if (g["method"], g["seed"]) not in now] + measured
+    for g in generators:
+        g["correlation"] = _generator_correlation(g, diffs)
     return {"experiment": "grid", **provenance(preset), "toystreets": toystreets_id(data),
             "crop": list(cfg.crop_size), "grid": list(grid), "ablation": str(ablation),
             "classes": classes, "differences": diffs, "correlation": rho,

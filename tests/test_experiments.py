@@ -291,3 +291,41 @@ def test_experiment_grid_measures_what_a_runs_generator_keeps(toy, tmp_path):
     with pytest.raises(SystemExit, match="has no generator"):
         main(["experiment", "grid", "--preset", "smoke", "--data", str(toy), "--ablation",
               str(ab), "--results", str(out), "--ckpt", str(tmp_path / "so" / "checkpoint.pt")])  # fmt: skip
+
+
+def test_experiment_grid_keeps_generators_measured_earlier_and_recorrelates_them(toy, tmp_path):
+    import json
+
+    from confeti.__main__ import build_config, main
+    from confeti.labels import CLASSES
+    from confeti.runner import train
+
+    cfg = build_config("smoke", iters=4)
+    ck = tmp_path / "style" / "checkpoint.pt"
+    train(cfg, "style", toy, ck.parent, progress=False)
+
+    def table(methods, slope):
+        runs = [{"seed": 0, "miou": 40.0, "iou": {c: slope * i for i, c in enumerate(CLASSES)}}]
+        other = {"selftrain": lambda i: 0.0, "selftrain+style": lambda i: float(i % 3)}
+        return {"methods": {m: {"runs": runs if m == "confeti" else [
+            {**runs[0], "iou": {c: other[m](i) for i, c in enumerate(CLASSES)}}]}
+            for m in methods}}  # fmt: skip
+
+    ab, out = tmp_path / "ablation.json", tmp_path / "grid.json"
+    args = ["experiment", "grid", "--preset", "smoke", "--data", str(toy), "--ablation", str(ab),
+            "--results", str(out)]  # fmt: skip
+    ab.write_text(json.dumps(table(("confeti", "selftrain"), 1.0)))
+    main(args + ["--ckpt", str(ck)])
+    (g,) = json.loads(out.read_text())["generators"]
+    ck.unlink()  # the run is gone (a new machine); its measurement stays in the results file
+    ab.write_text(json.dumps(table(("confeti", "selftrain", "selftrain+style"), -1.0)))
+    main(args)
+    (kept,) = json.loads(out.read_text())["generators"]
+    assert kept["classes"] == g["classes"] and kept["method"] == "style"
+    assert set(kept["correlation"]["of_target"]) == {
+        "confeti - selftrain",
+        "confeti - selftrain+style",
+        "selftrain+style - selftrain",
+    }
+    rho = kept["correlation"]["of_target"]["confeti - selftrain"]
+    assert rho == pytest.approx(-g["correlation"]["of_target"]["confeti - selftrain"], abs=1e-3)
