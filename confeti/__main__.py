@@ -178,9 +178,16 @@ def _cmd_ablation(a) -> None:
     from .ablation import run_ablation
 
     cfg = build_config(a.preset, a.iters, None, a.set)
-    run_ablation(cfg, a.data, a.out, seeds=a.seeds, methods=a.methods, device=a.device,
-                 jobs=a.jobs, threads=a.threads, results=a.results,
-                 collect_only=a.collect_only)  # fmt: skip
+    if a.compare is not None and not Path(a.compare).is_file():
+        raise SystemExit(f"ablation: --compare {a.compare}: no such file (an ablation table)")
+    res = run_ablation(cfg, a.data, a.out, seeds=a.seeds, methods=a.methods, device=a.device,
+                       jobs=a.jobs, threads=a.threads, results=a.results,
+                       collect_only=a.collect_only)  # fmt: skip
+    if a.compare is not None:  # does the ranking hold on another benchmark (or another table)?
+        from .ablation import rank_agreement, ranking_markdown
+
+        other = json.loads(Path(a.compare).read_text())["methods"]
+        print(ranking_markdown(rank_agreement(other, res), Path(a.compare).name, "this run"))
 
 
 def _cmd_figures(a) -> None:
@@ -437,6 +444,9 @@ def main(argv=None) -> None:
                    help="also write the table with its provenance here (e.g. results/ablation.json)")  # fmt: skip
     p.add_argument("--collect-only", action="store_true",
                    help="train nothing: collect the finished runs (--results, results.json)")  # fmt: skip
+    p.add_argument("--compare", default=None,
+                   help="an ablation table (e.g. results/ablation_3seeds.json): print how alike it "
+                        "and this one rank the methods (means over seeds; Kendall's tau)")  # fmt: skip
     p.set_defaults(fn=_cmd_ablation)
 
     p = sub.add_parser("figures", help="write every figure from finished runs")

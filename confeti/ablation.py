@@ -198,6 +198,62 @@ def paired_difference(res: dict, a: str, b: str) -> dict:
     }
 
 
+def rank_agreement(a: dict, b: dict, seed: int | None = None) -> dict:
+    """How alike two tables (``collect``'s; e.g. two ToyStreets) order the methods they share.
+
+    A method's score is its mean mIoU over its runs, or the mIoU of the run of ``seed`` (methods
+    without that run are left out). Kendall's tau over the pairs of methods:
+    tau = (concordant - discordant) / (n (n - 1) / 2), 1 = the same order, -1 = reversed;
+    ``swapped`` lists the pairs the two tables order differently (ties count as neither).
+    """
+
+    def scores(t):
+        out = {}
+        for m, v in t.items():
+            by_seed = {r["seed"]: r["miou"] for r in v["runs"]}
+            if seed is None and by_seed:
+                out[m] = float(np.mean(list(by_seed.values())))
+            elif seed in by_seed:
+                out[m] = by_seed[seed]
+        return out
+
+    sa, sb = scores(a), scores(b)
+    common = sorted(set(sa) & set(sb), key=lambda m: -sa[m])
+    if len(common) < 2:
+        raise ValueError(
+            f"rank_agreement: the tables share {len(common)} method(s) with runs; need 2"
+        )
+
+    def rank(s):
+        order = sorted(common, key=lambda m: -s[m])
+        return {m: order.index(m) + 1 for m in common}
+
+    conc = disc = 0
+    swapped = []
+    for i, m in enumerate(common):
+        for n in common[i + 1 :]:
+            sign = (sa[m] - sa[n]) * (sb[m] - sb[n])
+            conc, disc = conc + (sign > 0), disc + (sign < 0)
+            if sign < 0:
+                swapped.append([m, n])
+    pairs = len(common) * (len(common) - 1) / 2
+    return {"methods": common, "score_a": {m: round(sa[m], 2) for m in common},
+            "score_b": {m: round(sb[m], 2) for m in common}, "rank_a": rank(sa),
+            "rank_b": rank(sb), "kendall_tau": round((conc - disc) / pairs, 3),
+            "swapped": swapped}  # fmt: skip
+
+
+def ranking_markdown(agr: dict, name_a: str = "a", name_b: str = "b") -> str:
+    """``rank_agreement``'s result as a table (ordered by ``name_a``) and a line with tau."""
+    lines = [f"| method | {name_a} | rank | {name_b} | rank |", "|---|---|---|---|---|"]
+    for m in agr["methods"]:
+        lines.append(f"| {m} | {agr['score_a'][m]:.2f} | {agr['rank_a'][m]} | "
+                     f"{agr['score_b'][m]:.2f} | {agr['rank_b'][m]} |")  # fmt: skip
+    sw = ", ".join(f"{m} / {n}" for m, n in agr["swapped"]) or "none"
+    lines += ["", f"Kendall's tau = {agr['kendall_tau']:+.2f}; pairs ordered differently: {sw}"]
+    return "\n".join(lines) + "\n"
+
+
 def save_results(path, res: dict, cfg: Config, data, seeds: int) -> None:
     """``res`` (``collect``'s table) with its provenance, written atomically to ``path``."""
     meta = Path(data) / "toystreets.json"

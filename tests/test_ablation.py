@@ -185,3 +185,46 @@ def test_runs_markdown_has_a_column_per_seed_and_a_dash_for_a_missing_run():
     assert lines[0] == "| method | seed 0 | seed 1 |"
     assert lines[2] == "| style | 43.58 | – |"
     assert lines[3] == "| fda | 35.92 | 35.87 |"
+
+
+def test_rank_agreement_counts_the_pairs_two_tables_order_differently():
+    from confeti.ablation import rank_agreement, ranking_markdown
+
+    a = _table_of({"selftrain": {0: (47.0, 1.0), 1: (47.2, 1.0)}, "confeti": {0: (46.0, 1.0)},
+                   "fda": {0: (36.0, 1.0)}, "source_only": {0: (28.0, 1.0)}})  # fmt: skip
+    b = _table_of({"selftrain": {0: (44.0, 1.0)}, "confeti": {0: (45.0, 1.0)},
+                   "fda": {0: (30.0, 1.0)}, "source_only": {0: (25.0, 1.0)},
+                   "oracle": {0: (55.0, 1.0)}})  # fmt: skip
+    agr = rank_agreement(a, b)
+    assert agr["methods"] == ["selftrain", "confeti", "fda", "source_only"]  # oracle: only in b
+    assert agr["score_a"]["selftrain"] == 47.1  # the mean over its runs
+    assert agr["swapped"] == [["selftrain", "confeti"]]
+    assert agr["kendall_tau"] == pytest.approx((5 - 1) / 6, abs=1e-3)
+    assert agr["rank_b"]["confeti"] == 1 and agr["rank_a"]["confeti"] == 2
+    assert rank_agreement(a, a)["kendall_tau"] == 1.0
+    with pytest.raises(ValueError, match="share 0 method"):
+        rank_agreement(a, b, seed=1)  # b has no seed-1 run
+    md = ranking_markdown(agr, "v2 seed 0", "v2 seed 1")
+    assert md.splitlines()[2] == "| selftrain | 47.10 | 1 | 44.00 | 2 |"
+    assert "selftrain / confeti" in md and "+0.67" in md
+
+
+def test_ablation_compare_prints_the_ranking_against_another_table(tmp_path, capsys):
+    from confeti.__main__ import main
+    from confeti.labels import CLASSES
+
+    out = tmp_path / "runs"
+    for m, x in (("selftrain", 47.0), ("fda", 36.0)):
+        d = run_dir(out, m, 0)
+        d.mkdir(parents=True)
+        (d / "eval.json").write_text(json.dumps({"miou": x, "iou": dict.fromkeys(CLASSES, x)}))
+    other = tmp_path / "other.json"
+    table = _table_of({"selftrain": {0: (40.0, 1.0)}, "fda": {0: (41.0, 1.0)}})
+    other.write_text(json.dumps({"methods": table}))
+    args = ["ablation", "--preset", "smoke", "--data", str(tmp_path), "--out", str(out),
+            "--seeds", "1", "--collect-only", "--methods", "selftrain", "fda"]  # fmt: skip
+    main(args + ["--compare", str(other)])
+    text = capsys.readouterr().out
+    assert "| fda | 41.00 | 1 | 36.00 | 2 |" in text and "tau = -1.00" in text
+    with pytest.raises(SystemExit, match="--compare"):
+        main(args + ["--compare", str(tmp_path / "missing.json")])
