@@ -445,10 +445,15 @@ def run_ablation(
     (out / "results.json").write_text(json.dumps(meta, indent=2))
     (out / "results.md").write_text(markdown_table(res))
     save_figure(plot_ablation(res), out / "ablation.png")
-    if results is not None:  # the file keeps the methods it holds that this call did not run
+    if results is not None:
+        # The file keeps every run it holds that this call did not make: other methods, and
+        # seeds beyond this call's ``seeds`` (a `--seeds 1` call must not drop seeds 1 and 2).
+        # It is read again now, not at the start: another process may have added runs since.
+        recorded = recorded_runs(results, cfg, data)
         kept = {m for m, _ in recorded} | set(methods)
-        everything = collect(out, [m for m in ABLATION_METHODS if m in kept], seeds, recorded)
-        save_results(results, everything, cfg, data, seeds)
+        n = max([seeds] + [s + 1 for _, s in recorded])
+        everything = collect(out, [m for m in ABLATION_METHODS if m in kept], n, recorded)
+        save_results(results, everything, cfg, data, n)
     if progress:
         print(markdown_table(res))
     return res

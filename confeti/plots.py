@@ -1035,7 +1035,13 @@ def plot_gap_matrix(table: dict[str, dict[str, float]]) -> Figure:
                     ax.text(j, i, f"{vals[i, j]:.0f} %\n{table[v][m]:.1f}", ha="center",
                             va="center", fontsize=8)  # fmt: skip
         ax.set_xticks(range(len(methods)), methods, rotation=20)
-        ax.set_yticks(range(len(variants)), [f"{v} gap" for v in variants])
+        names = {
+            "appearance": "appearance only",
+            "content": "content only",
+            "both": "both (default)",
+        }
+        ax.set_yticks(range(len(variants)), [names.get(v, v) for v in variants])
+        ax.set_ylabel("ToyStreets gap")
         ax.set_xlabel("method")
         ax.set_title("gap closed (% of source-only -> oracle) and mIoU on city val")
         fig.colorbar(im, ax=ax, label="gap closed (%)")

@@ -145,6 +145,31 @@ def test_runs_recorded_in_the_committed_table_are_not_trained_again(tmp_path):
     assert set(json.loads(target.read_text())["methods"]) == {"source_only", "oracle"}
 
 
+def test_a_call_with_fewer_seeds_keeps_the_other_seeds_in_the_committed_table(tmp_path):
+    """`ablation --seeds 1 --methods X` on a machine whose runs folder is empty used to rewrite
+    the committed table with seed 0 of every method only; every recorded seed must stay."""
+    from confeti.ablation import run_ablation, run_dir
+    from confeti.config import get_preset
+    from confeti.labels import CLASSES
+
+    cfg = get_preset("smoke")
+    first = tmp_path / "machine1"
+    data = _finished_runs(tmp_path, first, toystreets_seed=0)
+    for s in (1, 2):  # seeds 1 and 2 of source_only, finished on the first machine
+        d = run_dir(first, "source_only", s)
+        d.mkdir(parents=True)
+        (d / "eval.json").write_text(json.dumps({"miou": 31.0, "iou": dict.fromkeys(CLASSES, 1)}))
+    target = tmp_path / "results" / "ablation.json"
+    run_ablation(cfg, data, first, seeds=3, progress=False, jobs=1,
+                 methods=("source_only", "oracle"), results=target, collect_only=True)  # fmt: skip
+    assert json.loads(target.read_text())["seeds_done"] == {"source_only": 3, "oracle": 1}
+    run_ablation(cfg, data, tmp_path / "machine2", seeds=1, progress=False, jobs=1,
+                 methods=("oracle",), results=target, collect_only=True)  # fmt: skip
+    res = json.loads(target.read_text())
+    assert res["seeds_done"] == {"source_only": 3, "oracle": 1} and res["seeds_planned"] == 3
+    assert [r["seed"] for r in res["methods"]["source_only"]["runs"]] == [0, 1, 2]
+
+
 def _table_of(runs: dict) -> dict:
     """A collect()-shaped table from {method: {seed: (mIoU, per-class value)}}."""
     from confeti.labels import CLASSES
