@@ -111,7 +111,10 @@ def test_gap_matrix_figure_shows_every_cell():
     fig = plot_gap_matrix(table)
     texts = [t.get_text() for t in fig.axes[0].texts]
     assert "50 %\n45.0" in texts and len(texts) == 6
-    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["appearance gap", "both gap"]
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == [
+        "appearance only",
+        "both (default)",
+    ]
 
 
 def test_convergence_end_labels_of_equal_values_do_not_overlap():
