@@ -308,7 +308,6 @@ def _cmd_experiment(a) -> None:
     extra["toystreets"] = ex.toystreets_id(data)
     recorded = ex.recorded_rows(results, a.preset, data)  # the committed runs: not trained again
     names = {j.name for j in jobs}  # a call for some methods keeps the file's other rows
-    others = [row for name, row in recorded.items() if name not in names]
     if a.ablation:  # runs that are the ablation's (same method, length, seed, data): read from it
         recorded.update(ex.ablation_rows(Path(a.ablation), jobs, data))
     try:
@@ -316,7 +315,10 @@ def _cmd_experiment(a) -> None:
             ex.run_jobs(jobs, data, preset=a.preset, n_procs=a.jobs, recorded=recorded)
     finally:  # whatever finished is kept, also after Ctrl-C
         res = ex.collect(jobs, a.preset, a.name, extra, recorded)
-        res["runs"] = others + res["runs"]
+        # The file's rows of other runs are read now, not at the start: another call writing
+        # the same file (e.g. a second lane) may have added some while this one trained.
+        now = ex.recorded_rows(results, a.preset, data)
+        res["runs"] = [row for name, row in now.items() if name not in names] + res["runs"]
         ex.write_results(res, results)
         print(f"{len(res['runs'])} finished runs in {results}")
     if a.name == "convergence":

@@ -134,6 +134,13 @@ def collect(out: str | Path, methods=ABLATION_METHODS, seeds: int = 3, recorded=
     return res
 
 
+def mean_std(r: dict) -> str:
+    """ "45.9 ± 0.6" over the seeds; one seed has no spread: "45.4 (1 seed)"."""
+    if r["seeds"] < 2:
+        return f"{r['miou_mean']:.1f} (1 seed)"
+    return f"{r['miou_mean']:.1f} ± {r['miou_std']:.1f}"
+
+
 def markdown_table(res: dict) -> str:
     """mIoU mean ± std per method, then per-class IoU means."""
     short = SHORT_NAMES  # t.light, t.sign, ... (a plain [:5] made two 'traff' columns)
@@ -147,8 +154,7 @@ def markdown_table(res: dict) -> str:
         g = r.get("gap_closed_percent")
         g_s = "–" if g is None else f"{g:.0f} %"
         lines.append(
-            f"| {m} | {r['miou_mean']:.1f} ± {r['miou_std']:.1f} | {ci_s} | {g_s} | "
-            f"{r['seeds']} | {r['seconds_mean']:.0f} |"
+            f"| {m} | {mean_std(r)} | {ci_s} | {g_s} | {r['seeds']} | {r['seconds_mean']:.0f} |"
         )
     lines += ["", "| method | " + " | ".join(short) + " |", "|---" * (len(CLASSES) + 1) + "|"]
     for m, r in res.items():

@@ -437,10 +437,12 @@ def plot_paired_difference(diff: dict, a: str, b: str) -> Figure:
 
 def plot_results_table(results: dict) -> Figure:
     """The ablation table as an image (method, mIoU mean ± std, seeds, seconds per run)."""
+    from .ablation import mean_std
+
     rows = [
         [
             m,
-            f"{r['miou_mean']:.1f} ± {r['miou_std']:.1f}",
+            mean_std(r),
             str(r["seeds"]),
             f"{r['seconds_mean']:.0f}",
         ]

@@ -253,3 +253,13 @@ def test_ablation_compare_prints_the_ranking_against_another_table(tmp_path, cap
     assert "| fda | 41.00 | 1 | 36.00 | 2 |" in text and "tau = -1.00" in text
     with pytest.raises(SystemExit, match="--compare"):
         main(args + ["--compare", str(tmp_path / "missing.json")])
+
+
+def test_one_seed_shows_no_spread_in_the_tables(tmp_path):
+    from confeti.ablation import collect, markdown_table
+
+    runs = _table_of({"style": {0: (43.58, 1.0)}, "fda": {0: (35.0, 1.0), 1: (37.0, 1.0)}})
+    recorded = {(m, r["seed"]): dict(r, seconds=1.0) for m, v in runs.items() for r in v["runs"]}
+    md = markdown_table(collect(tmp_path, ["style", "fda"], 3, recorded))
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[1] for line in md.splitlines()[2:4]}
+    assert rows == {"style": "43.6 (1 seed)", "fda": "36.0 ± 1.4"}

@@ -332,3 +332,35 @@ def test_experiment_grid_keeps_generators_measured_earlier_and_recorrelates_them
     }
     rho = kept["correlation"]["of_target"]["confeti - selftrain"]
     assert rho == pytest.approx(-g["correlation"]["of_target"]["confeti - selftrain"], abs=1e-3)
+
+
+def test_two_calls_writing_one_results_file_keep_each_others_rows(tmp_path, monkeypatch):
+    """A row another call added to the results file while this one trained survives this call's
+    write (the file's other rows are read at the end, not at the start)."""
+    import json
+
+    from confeti import experiments as ex
+    from confeti.__main__ import main
+    from confeti.labels import CLASSES
+
+    data = tmp_path / "toystreets"
+    data.mkdir()
+    (data / "toystreets.json").write_text(json.dumps({"version": 2, "seed": 0}))
+    out = tmp_path / "results.json"
+    args = ["experiment", "convergence", "--preset", "smoke", "--data", str(data), "--out",
+            str(tmp_path / "conv"), "--results", str(out), "--lengths", "64"]  # fmt: skip
+
+    def the_other_lane_finishes(jobs, *a, **k):  # stands in for training; the other call writes
+        other = ex.Job("oracle@64", "oracle", tmp_path / "conv2" / "oracle", 64)
+        other.out.mkdir(parents=True)
+        (other.out / "eval.json").write_text(json.dumps({"miou": 50.0, "iou": dict.fromkeys(CLASSES, 50.0)}))  # fmt: skip
+        extra = {"toystreets": ex.toystreets_id(data)}
+        ex.write_results(ex.collect([other], "smoke", "convergence", extra), out)
+        for j in jobs:  # and this call's own run finishes
+            j.out.mkdir(parents=True, exist_ok=True)
+            (j.out / "eval.json").write_text(json.dumps({"miou": 30.0, "iou": dict.fromkeys(CLASSES, 30.0)}))  # fmt: skip
+
+    monkeypatch.setattr(ex, "run_jobs", the_other_lane_finishes)
+    main(args + ["--methods", "source_only"])
+    rows = {r["name"]: r["miou"] for r in json.loads(out.read_text())["runs"]}
+    assert rows == {"oracle@64": 50.0, "source_only@64": 30.0}
