@@ -14,7 +14,8 @@ saves PNGs. One file per figure:
   the backbone's feature space (both runs train it), and CONFETI's projection space with its
   prototypes;
 - ``ablation.png``, ``ablation_table.png``: from the ablation's ``results.json``;
-  ``ablation_difference.png``: CONFETI minus selftrain per class, seed by seed, from it.
+  ``ablation_difference.png``: CONFETI minus selftrain per class, seed by seed, from it;
+  ``ablation_difference_style.png``: the same for selftrain+style (G without the contrast).
 """
 
 from __future__ import annotations
@@ -244,4 +245,7 @@ def write_figures(runs, data, out="figures", ablation=None) -> dict:
         if "confeti" in res and "selftrain" in res:  # CONFETI against its self-training base
             diff = paired_difference(res, "confeti", "selftrain")
             save(plots.plot_paired_difference(diff, "confeti", "selftrain"), "ablation_difference.png")  # fmt: skip
+        if "selftrain+style" in res and "selftrain" in res:  # what G alone costs self-training
+            diff = paired_difference(res, "selftrain+style", "selftrain")
+            save(plots.plot_paired_difference(diff, "selftrain+style", "selftrain"), "ablation_difference_style.png")  # fmt: skip
     return written

@@ -263,3 +263,20 @@ def test_one_seed_shows_no_spread_in_the_tables(tmp_path):
     md = markdown_table(collect(tmp_path, ["style", "fda"], 3, recorded))
     rows = {line.split(" | ")[0][2:]: line.split(" | ")[1] for line in md.splitlines()[2:4]}
     assert rows == {"style": "43.6 (1 seed)", "fda": "36.0 ± 1.4"}
+
+
+def test_figures_draw_both_paired_differences_from_an_ablation_table(tmp_path):
+    import json
+
+    from confeti.ablation import collect
+    from confeti.figures import write_figures
+
+    runs = _table_of({m: {0: (40.0 + i, 1.0), 1: (41.0 + i, 2.0)}
+                      for i, m in enumerate(["selftrain", "selftrain+style", "confeti"])})  # fmt: skip
+    recorded = {(m, r["seed"]): dict(r, seconds=1.0) for m, v in runs.items() for r in v["runs"]}
+    table = tmp_path / "ablation.json"
+    table.write_text(json.dumps({"methods": collect(tmp_path, list(runs), 2, recorded)}))
+    written = write_figures(tmp_path / "no_runs", tmp_path / "no_data", tmp_path / "figs", table)
+    assert {"ablation.png", "ablation_difference.png", "ablation_difference_style.png"} <= set(
+        written
+    )
