@@ -135,7 +135,7 @@ def collect(out: str | Path, methods=ABLATION_METHODS, seeds: int = 3, recorded=
 
 
 def mean_std(r: dict) -> str:
-    """ "45.9 ± 0.6" over the seeds; one seed has no spread: "45.4 (1 seed)"."""
+    """Mean ± std over the seeds, "45.9 ± 0.6"; one seed has no spread: "45.4 (1 seed)"."""
     if r["seeds"] < 2:
         return f"{r['miou_mean']:.1f} (1 seed)"
     return f"{r['miou_mean']:.1f} ± {r['miou_std']:.1f}"

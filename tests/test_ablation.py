@@ -255,12 +255,19 @@ def test_ablation_compare_prints_the_ranking_against_another_table(tmp_path, cap
         main(args + ["--compare", str(tmp_path / "missing.json")])
 
 
+def _collected(runs: dict, out) -> dict:
+    """``collect``'s summary (means, std, intervals) of a ``_table_of`` table's runs."""
+    from confeti.ablation import collect
+
+    recorded = {(m, r["seed"]): dict(r, seconds=1.0) for m, v in runs.items() for r in v["runs"]}
+    return collect(out, list(runs), 3, recorded)
+
+
 def test_one_seed_shows_no_spread_in_the_tables(tmp_path):
-    from confeti.ablation import collect, markdown_table
+    from confeti.ablation import markdown_table
 
     runs = _table_of({"style": {0: (43.58, 1.0)}, "fda": {0: (35.0, 1.0), 1: (37.0, 1.0)}})
-    recorded = {(m, r["seed"]): dict(r, seconds=1.0) for m, v in runs.items() for r in v["runs"]}
-    md = markdown_table(collect(tmp_path, ["style", "fda"], 3, recorded))
+    md = markdown_table(_collected(runs, tmp_path))
     rows = {line.split(" | ")[0][2:]: line.split(" | ")[1] for line in md.splitlines()[2:4]}
     assert rows == {"style": "43.6 (1 seed)", "fda": "36.0 ± 1.4"}
 
@@ -268,14 +275,12 @@ def test_one_seed_shows_no_spread_in_the_tables(tmp_path):
 def test_figures_draw_both_paired_differences_from_an_ablation_table(tmp_path):
     import json
 
-    from confeti.ablation import collect
     from confeti.figures import write_figures
 
     runs = _table_of({m: {0: (40.0 + i, 1.0), 1: (41.0 + i, 2.0)}
                       for i, m in enumerate(["selftrain", "selftrain+style", "confeti"])})  # fmt: skip
-    recorded = {(m, r["seed"]): dict(r, seconds=1.0) for m, v in runs.items() for r in v["runs"]}
     table = tmp_path / "ablation.json"
-    table.write_text(json.dumps({"methods": collect(tmp_path, list(runs), 2, recorded)}))
+    table.write_text(json.dumps({"methods": _collected(runs, tmp_path)}))
     written = write_figures(tmp_path / "no_runs", tmp_path / "no_data", tmp_path / "figs", table)
     assert {"ablation.png", "ablation_difference.png", "ablation_difference_style.png"} <= set(
         written
