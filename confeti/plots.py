@@ -1034,8 +1034,9 @@ def plot_gap_matrix(table: dict[str, dict[str, float]]) -> Figure:
         for i, v in enumerate(variants):
             for j, m in enumerate(methods):
                 if m in table[v]:
+                    dark = vals[i, j] < -25  # the deep red end: black text would not read
                     ax.text(j, i, f"{vals[i, j]:.0f} %\n{table[v][m]:.1f}", ha="center",
-                            va="center", fontsize=8)  # fmt: skip
+                            va="center", fontsize=8, color="white" if dark else "black")  # fmt: skip
         ax.set_xticks(range(len(methods)), methods, rotation=20)
         names = {
             "appearance": "appearance only",
