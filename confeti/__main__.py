@@ -187,7 +187,14 @@ def _cmd_ablation(a) -> None:
         from .ablation import rank_agreement, ranking_markdown
 
         other = json.loads(Path(a.compare).read_text())["methods"]
-        print(ranking_markdown(rank_agreement(other, res), Path(a.compare).name, "this run"))
+        # With --results, rank every run that file holds, not only this call's methods (one
+        # method per call, as lanes run them, would leave nothing to rank).
+        ours = json.loads(Path(a.results).read_text())["methods"] if a.results else res
+        try:
+            print(ranking_markdown(rank_agreement(other, ours), Path(a.compare).name,
+                                   Path(a.results).name if a.results else "this run"))  # fmt: skip
+        except ValueError as e:  # the runs are trained and saved: say so, do not fail
+            print(f"ablation: --compare: nothing to rank yet ({e})")
 
 
 def _cmd_figures(a) -> None:

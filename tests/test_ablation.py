@@ -255,6 +255,33 @@ def test_ablation_compare_prints_the_ranking_against_another_table(tmp_path, cap
         main(args + ["--compare", str(tmp_path / "missing.json")])
 
 
+def test_ablation_compare_ranks_every_run_of_the_results_file_and_never_fails_after_training(
+    tmp_path, capsys
+):
+    """One method per call (two lanes): the ranking is over every run --results holds; with one
+    method recorded there is nothing to rank yet, which is said, not raised."""
+    from confeti.__main__ import main
+    from confeti.labels import CLASSES
+
+    out = tmp_path / "runs"
+    for m, x in (("selftrain", 47.0), ("fda", 36.0)):
+        d = run_dir(out, m, 0)
+        d.mkdir(parents=True)
+        (d / "eval.json").write_text(json.dumps({"miou": x, "iou": dict.fromkeys(CLASSES, x)}))
+    other = tmp_path / "other.json"
+    table = _table_of({"selftrain": {0: (40.0, 1.0)}, "fda": {0: (41.0, 1.0)}})
+    other.write_text(json.dumps({"methods": table}))
+    results = tmp_path / "results.json"
+    args = ["ablation", "--preset", "smoke", "--data", str(tmp_path), "--out", str(out),
+            "--seeds", "1", "--collect-only", "--results", str(results),
+            "--compare", str(other), "--methods"]  # fmt: skip
+    main(args + ["selftrain"])
+    assert "nothing to rank yet" in capsys.readouterr().out
+    main(args + ["fda"])  # this call collects fda only; the file holds selftrain too
+    text = capsys.readouterr().out
+    assert "| fda | 41.00 | 1 | 36.00 | 2 |" in text and "tau = -1.00" in text
+
+
 def _collected(runs: dict, out) -> dict:
     """``collect``'s summary (means, std, intervals) of a ``_table_of`` table's runs."""
     from confeti.ablation import collect
