@@ -234,8 +234,9 @@ def test_rank_agreement_counts_the_pairs_two_tables_order_differently():
     assert "selftrain / confeti" in md and "+0.67" in md
 
 
-def test_ablation_compare_prints_the_ranking_against_another_table(tmp_path, capsys):
-    from confeti.__main__ import main
+def _two_runs_and_another_table(tmp_path):
+    """Finished runs of selftrain (47) and fda (36) in tmp_path/runs, and a table ranking them
+    the other way round (40, 41) in tmp_path/other.json."""
     from confeti.labels import CLASSES
 
     out = tmp_path / "runs"
@@ -246,6 +247,13 @@ def test_ablation_compare_prints_the_ranking_against_another_table(tmp_path, cap
     other = tmp_path / "other.json"
     table = _table_of({"selftrain": {0: (40.0, 1.0)}, "fda": {0: (41.0, 1.0)}})
     other.write_text(json.dumps({"methods": table}))
+    return out, other
+
+
+def test_ablation_compare_prints_the_ranking_against_another_table(tmp_path, capsys):
+    from confeti.__main__ import main
+
+    out, other = _two_runs_and_another_table(tmp_path)
     args = ["ablation", "--preset", "smoke", "--data", str(tmp_path), "--out", str(out),
             "--seeds", "1", "--collect-only", "--methods", "selftrain", "fda"]  # fmt: skip
     main(args + ["--compare", str(other)])
@@ -261,16 +269,8 @@ def test_ablation_compare_ranks_every_run_of_the_results_file_and_never_fails_af
     """One method per call (two lanes): the ranking is over every run --results holds; with one
     method recorded there is nothing to rank yet, which is said, not raised."""
     from confeti.__main__ import main
-    from confeti.labels import CLASSES
 
-    out = tmp_path / "runs"
-    for m, x in (("selftrain", 47.0), ("fda", 36.0)):
-        d = run_dir(out, m, 0)
-        d.mkdir(parents=True)
-        (d / "eval.json").write_text(json.dumps({"miou": x, "iou": dict.fromkeys(CLASSES, x)}))
-    other = tmp_path / "other.json"
-    table = _table_of({"selftrain": {0: (40.0, 1.0)}, "fda": {0: (41.0, 1.0)}})
-    other.write_text(json.dumps({"methods": table}))
+    out, other = _two_runs_and_another_table(tmp_path)
     results = tmp_path / "results.json"
     args = ["ablation", "--preset", "smoke", "--data", str(tmp_path), "--out", str(out),
             "--seeds", "1", "--collect-only", "--results", str(results),
