@@ -60,18 +60,21 @@ def test_live_bytes_counts_allocations_frees_and_views():
 def test_traced_peak_agrees_with_the_cpu_allocator(dtype):
     """torch.profiler(profile_memory=True), recording from before the state is built, sums every
     allocation and free the CPU allocator reports, including a kernel's scratch memory (oneDNN),
-    which the trace cannot see. Tolerances: static bytes exact (1 KiB); peak within 2% of the
-    profiler's; each phase never above the profiler's, and below it by < 10% of the peak (the
-    scratch of one convolution backward is ~0.7 MB of 15 MB at the smoke size)."""
+    which the trace cannot see. Tolerances: static bytes exact (1 KiB); the peak and each phase
+    never above the profiler's (2% and 0.1 MiB of rounding), and below it by < 10% of the peak
+    (fp32) or 20% (bf16): the scratch oneDNN takes depends on the CPU's instruction set (one fp32
+    convolution backward: ~0.7 MB of 15 MB at the smoke size; bf16 on an AVX2-only CPU, which
+    converts to fp32 in scratch: 3.5% at the peak, 1.6 MiB = 13% of the peak in the stylize phase)."""
     r = trace_step(smoke(), "confeti", dtype=dtype, profile=True)
     p = r["profiler"]
     assert abs(r["static_bytes"] - p["static_bytes"]) <= 1024
-    assert abs(r["peak_bytes"] - p["peak_bytes"]) <= 0.02 * p["peak_bytes"]
+    unseen = 0.1 if dtype is None else 0.2  # the share of the peak the scratch may take
+    assert -0.02 * p["peak_bytes"] <= p["peak_bytes"] - r["peak_bytes"] <= unseen * p["peak_bytes"]
     assert set(r["per_phase"]) == PHASES and list(r["per_phase"]) == list(p["per_phase"])
     for phase in PHASES:
         traced, prof = r["per_phase"][phase], p["per_phase"][phase]
         assert traced <= prof + 0.1, phase  # MiB rounded to 0.1
-        assert prof - traced <= 0.1 * p["peak_mb"], phase
+        assert prof - traced <= unseen * p["peak_mb"], phase
     assert r["end_mb"] == pytest.approx(r["static_mb"], abs=0.2)  # nothing leaks between steps
     assert {"pc_tgt", "psc", "cam_mix", "seg_mix"} <= set(r["losses"])  # every loss was active
 

@@ -401,10 +401,11 @@ def _assert_same_cut_pass(a, b):
     for net_a, net_b in zip(grads_a, grads_b):  # G, D, F
         assert len(net_a) == len(net_b) and all(g is not None for g in net_a)
         # biases before an instance norm have a zero gradient in exact arithmetic: their float
-        # noise is compared at the scale of the network's largest gradient
+        # noise is compared at the scale of the network's largest gradient (1e-4 of it: on an
+        # AVX2-only CPU that noise reached 1.5e-5 of the scale; a layout bug is of order 1)
         scale = max(float(g.abs().max()) for g in net_b)
         for x, y in zip(net_a, net_b):
-            assert torch.allclose(x, y, rtol=1e-4, atol=1e-5 * scale)
+            assert torch.allclose(x, y, rtol=1e-4, atol=1e-4 * scale)
 
 
 def test_cut_modules_give_the_same_outputs_and_gradients_in_both_layouts():
