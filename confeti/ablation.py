@@ -116,10 +116,9 @@ def collect(out: str | Path, methods=ABLATION_METHODS, seeds: int = 3, recorded=
         if not runs:
             continue
         mious = np.array([r["miou"] for r in runs])
-        per_class = {
-            c: float(np.nanmean([np.nan if r["iou"].get(c) is None else r["iou"][c] for r in runs]))
-            for c in CLASSES
-        }
+        # a class no run scored (absent from its val split) has no mean: nan, written as None
+        scored = {c: [r["iou"][c] for r in runs if r["iou"].get(c) is not None] for c in CLASSES}
+        per_class = {c: float(np.mean(v)) if v else np.nan for c, v in scored.items()}
         res[m] = {
             "miou_mean": round(float(mious.mean()), 2),
             "miou_std": round(float(mious.std(ddof=1)) if len(mious) > 1 else 0.0, 2),

@@ -386,7 +386,8 @@ GRID_PAIRS = (("confeti", "selftrain"), ("selftrain+contrast", "selftrain"),
 
 
 def spearman(x, y) -> float:
-    """Spearman's rank correlation (ties get their average rank): Pearson's r of the ranks."""
+    """Spearman's rank correlation (ties get their average rank): Pearson's r of the ranks;
+    nan (undefined) when either side has a single value for every class."""
     import numpy as np
 
     def ranks(v):
@@ -399,6 +400,8 @@ def spearman(x, y) -> float:
         return r
 
     rx, ry = ranks(x), ranks(y)
+    if len(rx) < 2 or rx.std() == 0 or ry.std() == 0:  # a constant has no ranking to correlate
+        return float("nan")
     return float(np.corrcoef(rx, ry)[0, 1])
 
 

@@ -312,3 +312,22 @@ def test_figures_draw_both_paired_differences_from_an_ablation_table(tmp_path):
     assert {"ablation.png", "ablation_difference.png", "ablation_difference_style.png"} <= set(
         written
     )
+
+
+def test_collect_gives_no_mean_to_a_class_no_run_scored(tmp_path):
+    """A class absent from val (IoU None in every run) gets None, not a numpy warning and NaN."""
+    import warnings
+
+    from confeti.ablation import collect
+    from confeti.labels import CLASSES
+
+    for s, miou in enumerate((40.0, 42.0)):
+        d = run_dir(tmp_path, "selftrain", s)
+        d.mkdir(parents=True)
+        iou = {c: (None if c == "train" else 50.0 + s) for c in CLASSES}
+        (d / "eval.json").write_text(json.dumps({"miou": miou, "iou": iou}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r = collect(tmp_path, ["selftrain"], seeds=2)["selftrain"]
+    assert r["iou_mean"]["train"] is None and r["iou_mean"]["road"] == 50.5
+    assert r["miou_mean"] == 41.0 and r["seeds"] == 2

@@ -240,6 +240,13 @@ def test_spearman_is_one_for_a_monotone_pair_and_averages_ties():
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
     # ties: [1, 1, 2] ranks (0.5, 0.5, 2) against (0, 1, 2): r of the ranks
     assert spearman([1, 1, 2], [0, 1, 2]) == pytest.approx(0.8660254, abs=1e-6)
+    # a constant side has no ranking: nan, without numpy's divide-by-zero warning
+    import math
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert math.isnan(spearman([3, 3, 3], [0, 1, 2])) and math.isnan(spearman([1], [2]))
 
 
 def test_experiment_grid_reads_labels_and_the_ablation_table_and_trains_nothing(toy, tmp_path):

@@ -397,7 +397,7 @@ def _cut_pass(st, x_s, x_t):
 def _assert_same_cut_pass(a, b):
     (out_a, grads_a), (out_b, grads_b) = a, b
     for x, y in zip(out_a, out_b):  # float rounding: ~1e-6 of each tensor's scale
-        assert torch.allclose(x, y, rtol=1e-5, atol=1e-5 * float(y.abs().max()))
+        assert torch.allclose(x, y, rtol=1e-5, atol=1e-5 * float(y.detach().abs().max()))
     for net_a, net_b in zip(grads_a, grads_b):  # G, D, F
         assert len(net_a) == len(net_b) and all(g is not None for g in net_a)
         # biases before an instance norm have a zero gradient in exact arithmetic: their float
