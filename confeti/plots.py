@@ -1037,6 +1037,9 @@ def plot_gap_matrix(table: dict[str, dict[str, float]]) -> Figure:
                     dark = vals[i, j] < -25  # the deep red end: black text would not read
                     ax.text(j, i, f"{vals[i, j]:.0f} %\n{table[v][m]:.1f}", ha="center",
                             va="center", fontsize=8, color="white" if dark else "black")  # fmt: skip
+                else:  # a white cell is a run not finished yet, not a score
+                    ax.text(j, i, "not run\nyet", ha="center", va="center", fontsize=8,
+                            color="0.5")  # fmt: skip
         ax.set_xticks(range(len(methods)), methods, rotation=20)
         names = {
             "appearance": "appearance only",
