@@ -336,6 +336,19 @@ def _cmd_experiment(a) -> None:
             _plot_convergence(results, a.figure)
     if a.name == "losses":
         print(json.dumps({r["name"]: r["miou"] for r in res["runs"]}, indent=1))
+        if a.ablation:  # the table against CONFETI and the ablation's leave-one-out rows
+            ablation = json.loads(Path(a.ablation).read_text())
+            rows = ex.loss_table(res, ablation, a.seed)
+            noise = ex.paired_noise(ablation)
+            print(ex.loss_markdown(rows, noise))
+            if a.figure:
+                from .plots import plot_loss_ablation, save_figure
+
+                fig = plot_loss_ablation(rows, noise)
+                fig.suptitle(f"CONFETI with one part removed: seed {a.seed}, one run each, "
+                             "paired with CONFETI's run of that seed", x=0.01, ha="left")  # fmt: skip
+                save_figure(fig, a.figure)
+                print(f"wrote {a.figure}")
     if a.name == "gapmatrix":
         table = ex.gap_table(res)
         print(json.dumps({"miou": table, "gap_closed_percent": ex.gap_closed(table)}, indent=1))
@@ -501,7 +514,8 @@ def main(argv=None) -> None:
     p.add_argument("--tune-data", default=None, help="tune: the tuning split (never reported)")
     p.add_argument("--out", default=None, help="folder of the runs (resumable)")
     p.add_argument("--results", required=True, help="the JSON collecting the finished runs")
-    p.add_argument("--figure", default=None, help="convergence / plot: write this PNG")
+    p.add_argument("--figure", default=None,
+                   help="convergence / plot / gapmatrix / losses (with --ablation): write this PNG")  # fmt: skip
     p.add_argument(
         "--iters", type=int, default=None, help="tune / losses / gapmatrix: the run length"
     )
@@ -514,7 +528,8 @@ def main(argv=None) -> None:
     p.add_argument("--jobs", type=int, default=2, help="processes at once (one thread each)")
     p.add_argument("--ablation", default=None,
                    help="convergence, gapmatrix: take the runs that are this ablation table's "
-                   "(same method, length, seed and data) from it instead of training them")  # fmt: skip
+                   "(same method, length, seed and data) from it instead of training them; "
+                   "losses: the table holding CONFETI and its leave-one-out rows of --seed")  # fmt: skip
     p.add_argument("--collect-only", action="store_true",
                    help="write --results from the finished runs, train nothing")  # fmt: skip
     p.add_argument("--ckpt", action="append", default=None,

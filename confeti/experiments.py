@@ -542,3 +542,91 @@ def grid_experiment(data: Path, preset: str, ablation: Path, pairs=GRID_PAIRS,
             "crop": list(cfg.crop_size), "grid": list(grid), "ablation": str(ablation),
             "classes": classes, "differences": diffs, "correlation": rho,
             "generators": generators}  # fmt: skip
+
+
+# ---- the loss-by-loss table: every leave-one-out row of CONFETI on one seed -----------------
+# (name, where its run lives, what it removes from CONFETI); "losses" rows come from
+# results/losses.json, "ablation" rows from an ablation table (the same seed)
+LOSS_ROWS = (
+    ("confeti", "ablation", "nothing (CONFETI)"),
+    ("no_psc", "losses", "L_psc: G's prototypical consistency"),
+    ("no_cam", "losses", "L_cam: the CAM loss"),
+    ("no_reg", "losses", "the contrast's regulariser"),
+    ("no_target_contrast", "losses", "the contrast on target pixels"),
+    ("selftrain+style", "ablation", "the whole contrast (and CAM, regulariser)"),
+    ("selftrain+contrast", "ablation", "G (and L_psc)"),
+    ("selftrain", "ablation", "G and the contrast"),
+)
+
+
+def loss_table(losses: dict, ablation: dict, seed: int = 0) -> dict[str, dict]:
+    """CONFETI with one part removed at a time, on one seed, against CONFETI itself.
+
+    ``losses``: an ``experiment losses`` results file; ``ablation``: an ablation table (its
+    ``methods``) holding CONFETI and the rows that remove more (``LOSS_ROWS``). Every row is a
+    run of the same seed, so it starts from CONFETI's segmentor weights and phase 0: the
+    difference d = mIoU(row) - mIoU(CONFETI) is paired. Rows not run yet are left out.
+    Returns {name: {"removed", "miou", "delta", "iou", "iou_delta"}} in ``LOSS_ROWS`` order.
+    """
+    from .labels import CLASSES
+
+    methods = ablation.get("methods", ablation)
+    runs = {r["name"]: r for r in losses.get("runs", []) if r.get("seed", 0) == seed}
+    found = {}
+    for name, where, removed in LOSS_ROWS:
+        if where == "losses":
+            r = runs.get(name)
+        else:
+            r = next((x for x in methods.get(name, {}).get("runs", []) if x["seed"] == seed), None)
+        if r is not None:
+            found[name] = {"removed": removed, "miou": r["miou"], "iou": r["iou"]}
+    if "confeti" not in found:
+        raise ValueError(f"loss_table: the ablation table has no CONFETI run of seed {seed}")
+    ref = found["confeti"]
+    for row in found.values():
+        row["delta"] = round(row["miou"] - ref["miou"], 2)
+        row["iou_delta"] = {
+            c: None if row["iou"].get(c) is None or ref["iou"].get(c) is None
+            else round(row["iou"][c] - ref["iou"][c], 2)
+            for c in CLASSES
+        }  # fmt: skip
+    return found
+
+
+def paired_noise(ablation: dict, a: str = "confeti", others=("selftrain", "selftrain+style",
+                 "selftrain+contrast")) -> float | None:  # fmt: skip
+    """How much a one-seed paired difference moves from seed to seed: the standard deviation
+    over seeds of d_s = mIoU_a(s) - mIoU_b(s), pooled (root mean square) over the pairs (a, b)
+    with at least three shared seeds. None if no pair has three."""
+    from .ablation import paired_difference
+
+    methods = ablation.get("methods", ablation)
+    variances = []
+    for b in others:
+        if a not in methods or b not in methods:
+            continue
+        d = paired_difference(methods, a, b)["miou"]
+        if len(d) >= 3:
+            m = sum(d) / len(d)
+            variances.append(sum((x - m) ** 2 for x in d) / (len(d) - 1))
+    return None if not variances else round((sum(variances) / len(variances)) ** 0.5, 2)
+
+
+def loss_markdown(rows: dict[str, dict], noise: float | None = None) -> str:
+    """The loss-by-loss table: mIoU and its paired difference to CONFETI, then per class."""
+    from .labels import CLASSES, SHORT_NAMES
+
+    lines = ["| run | removed from CONFETI | mIoU | − CONFETI |", "|---|---|---|---|"]
+    for name, r in rows.items():
+        d = "–" if name == "confeti" else f"{r['delta']:+.2f}"
+        lines.append(f"| {name} | {r['removed']} | {r['miou']:.2f} | {d} |")
+    if noise is not None:
+        lines.append(f"\nSeed-to-seed std of a one-seed paired difference: {noise:.2f} points.")
+    lines += ["", "| run − CONFETI | " + " | ".join(SHORT_NAMES) + " |",
+              "|---" * (len(CLASSES) + 1) + "|"]  # fmt: skip
+    for name, r in rows.items():
+        if name == "confeti":
+            continue
+        cells = ["–" if r["iou_delta"][c] is None else f"{r['iou_delta'][c]:+.0f}" for c in CLASSES]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -1055,6 +1055,48 @@ def plot_gap_matrix(table: dict[str, dict[str, float]]) -> Figure:
     return fig
 
 
+def plot_loss_ablation(rows: dict[str, dict], noise: float | None = None) -> Figure:
+    """CONFETI with one part removed at a time (``experiments.loss_table``), one seed: the mIoU
+    difference to CONFETI per row (left; the grey band is ± 2 seed-to-seed standard deviations
+    of a one-seed paired difference, ``experiments.paired_noise``: a bar inside it is not told
+    apart from seed noise) and the per-class IoU difference (right; blue: the row does better
+    than CONFETI, red: worse)."""
+    import seaborn as sns
+
+    names = [n for n in rows if n != "confeti"]
+    labels = [f"{n}\n(− {rows[n]['removed']})" for n in names]
+    deltas = np.array([rows[n]["delta"] for n in names])
+    grid = np.array([[np.nan if rows[n]["iou_delta"][c] is None else rows[n]["iou_delta"][c]
+                      for c in CLASSES] for n in names])  # fmt: skip
+    colors = method_colors(names)
+    with plt.rc_context(STYLE):
+        fig, (a, b) = plt.subplots(1, 2, figsize=(16, 0.62 * len(names) + 2.2),
+                                   gridspec_kw={"width_ratios": [1.25, 3]})  # fmt: skip
+        y = np.arange(len(names))
+        if noise is not None:
+            a.axvspan(-2 * noise, 2 * noise, color="0.88", zorder=0,
+                      label=f"± 2 × {noise:.2f} (seed noise of a paired difference)")  # fmt: skip
+            a.legend(fontsize=7, loc="lower left", bbox_to_anchor=(0, 1.0), frameon=False)
+        a.barh(y, deltas, color=[colors[n] for n in names], zorder=2)
+        a.axvline(0, color="black", lw=0.8)
+        lim = max(3.0, 1.15 * float(np.abs(deltas).max()))
+        a.set_xlim(-lim, lim)
+        for i, n in enumerate(names):  # the value on the free side of zero: never off the axes
+            d = deltas[i]
+            a.text(-0.03 * lim if d >= 0 else 0.03 * lim, i, f"{d:+.2f} ({rows[n]['miou']:.1f})",
+                   va="center", ha="right" if d >= 0 else "left", fontsize=8)  # fmt: skip
+        a.set_yticks(y, labels, fontsize=8)
+        a.invert_yaxis()
+        ref = rows["confeti"]["miou"]
+        a.set_xlabel(f"mIoU − CONFETI's {ref:.2f} (points; in brackets: the row's mIoU)")
+        sns.heatmap(grid, ax=b, annot=True, fmt="+.0f", cmap="RdBu", center=0, vmin=-20,
+                    vmax=20, xticklabels=SHORT_NAMES, yticklabels=False, cbar=False,
+                    annot_kws={"fontsize": 7})  # fmt: skip
+        b.set_title("per-class IoU − CONFETI's (points; blue: better than CONFETI)")
+        fig.tight_layout()
+    return fig
+
+
 # ---- notebook 04: watching a run ----------------------------------------------------------------
 def plot_run_curves(metrics: dict[str, list[dict]], pretrain_iters: int = 0, keys=None) -> Figure:
     """``plot_training_curves`` for reading or watching a run: the CUT pre-training (phase 0,

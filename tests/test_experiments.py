@@ -374,3 +374,65 @@ def test_two_calls_writing_one_results_file_keep_each_others_rows(tmp_path, monk
     main(args + ["--methods", "source_only"])
     rows = {r["name"]: r["miou"] for r in json.loads(out.read_text())["runs"]}
     assert rows == {"oracle@64": 50.0, "source_only@64": 30.0}
+
+
+def _run(seed, miou, road, bicycle=None):
+    from confeti.labels import CLASSES
+
+    iou = {c: 10.0 for c in CLASSES}
+    iou.update(road=road, bicycle=bicycle)
+    return {"seed": seed, "miou": miou, "iou": iou}
+
+
+def test_loss_table_pairs_each_row_with_confetis_run_of_the_same_seed():
+    ablation = {"methods": {
+        "confeti": {"runs": [_run(0, 46.0, 90.0, 5.0), _run(1, 45.0, 80.0, 4.0)]},
+        "selftrain": {"runs": [_run(0, 47.0, 91.0, 20.0), _run(1, 46.5, 85.0, 15.0)]},
+    }}  # fmt: skip
+    losses = {"runs": [{"name": "no_psc", **_run(0, 44.5, 88.0, 6.0)},
+                       {"name": "no_psc", **_run(1, 49.0, 70.0, 1.0)},
+                       {"name": "no_cam", **_run(1, 40.0, 70.0, 1.0)}]}  # fmt: skip
+    rows = ex.loss_table(losses, ablation, seed=0)
+    assert list(rows) == ["confeti", "no_psc", "selftrain"]  # no_cam has no seed-0 run
+    assert rows["no_psc"]["delta"] == -1.5 and rows["selftrain"]["delta"] == 1.0
+    assert rows["no_psc"]["iou_delta"]["road"] == -2.0 and rows["no_psc"]["iou_delta"]["wall"] == 0
+    assert rows["confeti"]["iou_delta"]["bicycle"] == 0 and rows["no_psc"]["removed"].startswith("L_psc")  # fmt: skip
+    rows1 = ex.loss_table(losses, ablation, seed=1)
+    assert rows1["no_psc"]["delta"] == 4.0 and rows1["no_cam"]["delta"] == -5.0
+    ablation["methods"]["confeti"]["runs"][0]["iou"]["bicycle"] = None  # a class not scored
+    assert ex.loss_table(losses, ablation, seed=0)["no_psc"]["iou_delta"]["bicycle"] is None
+    with pytest.raises(ValueError, match="seed 2"):
+        ex.loss_table(losses, ablation, seed=2)
+    text = ex.loss_markdown(rows, noise=0.8)
+    assert "| no_psc | L_psc: G's prototypical consistency | 44.50 | -1.50 |" in text
+    assert "0.80 points" in text and "| selftrain | +1 | +0 |" in text
+
+
+def test_paired_noise_is_the_pooled_seed_std_of_paired_differences():
+    def m(*v):
+        return {"runs": [_run(s, x, 0.0) for s, x in enumerate(v)]}
+
+    ab = {"confeti": m(46, 45, 47), "selftrain": m(47, 47, 47), "selftrain+style": m(45, 44)}
+    # confeti - selftrain = -1, -2, 0: std 1; selftrain+style shares two seeds only: left out
+    assert ex.paired_noise({"methods": ab}) == 1.0
+    ab["selftrain+contrast"] = m(46, 43, 49)  # differences 0, 2, -2: std 2 -> pooled sqrt(2.5)
+    assert ex.paired_noise(ab) == round(2.5**0.5, 2)
+    assert ex.paired_noise({"confeti": m(46, 45)}) is None
+
+
+def test_loss_figure_draws_one_bar_and_one_heatmap_row_per_removed_part():
+    from confeti.plots import plot_loss_ablation
+
+    ablation = {"confeti": {"runs": [_run(0, 46.0, 90.0, 5.0)]},
+                "selftrain": {"runs": [_run(0, 47.0, 91.0, 20.0)]}}  # fmt: skip
+    losses = {"runs": [{"name": "no_reg", **_run(0, 43.0, 88.0, 6.0)}]}
+    rows = ex.loss_table(losses, ablation)
+    fig = plot_loss_ablation(rows, noise=0.8)
+    bars, heat = fig.axes[:2]
+    assert [round(p.get_width(), 2) for p in bars.patches if p.get_height() < 1] == [-3.0, 1.0]
+    labels = [t.get_text() for t in bars.get_yticklabels()]
+    assert labels[0].startswith("no_reg") and labels[1].startswith("selftrain")
+    assert "-3.00 (43.0)" in [t.get_text() for t in bars.texts]
+    cells = [t.get_text() for t in heat.texts]
+    assert len(cells) == 2 * 19 and "+15" in cells and "-2" in cells  # bicycle, road
+    assert "0.80" in bars.get_legend().get_texts()[0].get_text()  # the seed-noise band
