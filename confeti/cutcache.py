@@ -65,6 +65,7 @@ NOT_PHASE0 = frozenset(
         "cam_weight",
         "psc_weight",
         "psc_judge",
+        "target_contrast",
         "proto_warmup_iters",
         "contrast_start",
         "cam_mix_start",

@@ -101,7 +101,8 @@ def test_key_covers_what_phase0_reads_only(toy, tmp_path):
     for change in (dict(seed=1), dict(ngf=8), dict(style_pretrain_iters=4), dict(backbone_width=4)):
         assert cache_path(tmp_path, dataclasses.replace(cfg, **change), toy, "cpu") != path
     assert cache_path(tmp_path, cfg, tmp_path, "cpu") != path  # other data
-    same = dict(iters=50, lr=1.0, contrast_weight=3.0, log_every=7, schedule="two_stage")
+    same = dict(iters=50, lr=1.0, contrast_weight=3.0, log_every=7, schedule="two_stage",
+                target_contrast=False)  # fmt: skip
     assert set(same) <= NOT_PHASE0
     assert cache_path(tmp_path, dataclasses.replace(cfg, **same), toy, "cpu") == path
 
