@@ -344,10 +344,9 @@ def _cmd_experiment(a) -> None:
             if a.figure:
                 from .plots import plot_loss_ablation, save_figure
 
-                fig = plot_loss_ablation(rows, noise)
-                fig.suptitle(f"CONFETI with one part removed: seed {a.seed}, one run each, "
-                             "paired with CONFETI's run of that seed", x=0.01, ha="left")  # fmt: skip
-                save_figure(fig, a.figure)
+                title = (f"CONFETI with one part removed: seed {a.seed}, one run each, paired "
+                         "with CONFETI's run of that seed")  # fmt: skip
+                save_figure(plot_loss_ablation(rows, noise, title), a.figure)
                 print(f"wrote {a.figure}")
     if a.name == "gapmatrix":
         table = ex.gap_table(res)

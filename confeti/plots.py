@@ -1055,7 +1055,8 @@ def plot_gap_matrix(table: dict[str, dict[str, float]]) -> Figure:
     return fig
 
 
-def plot_loss_ablation(rows: dict[str, dict], noise: float | None = None) -> Figure:
+def plot_loss_ablation(rows: dict[str, dict], noise: float | None = None,
+                       title: str | None = None) -> Figure:  # fmt: skip
     """CONFETI with one part removed at a time (``experiments.loss_table``), one seed: the mIoU
     difference to CONFETI per row (left; the grey band is ± 2 seed-to-seed standard deviations
     of a one-seed paired difference, ``experiments.paired_noise``: a bar inside it is not told
@@ -1076,7 +1077,7 @@ def plot_loss_ablation(rows: dict[str, dict], noise: float | None = None) -> Fig
         if noise is not None:
             a.axvspan(-2 * noise, 2 * noise, color="0.88", zorder=0,
                       label=f"± 2 × {noise:.2f} (seed noise of a paired difference)")  # fmt: skip
-            a.legend(fontsize=7, loc="lower left", bbox_to_anchor=(0, 1.0), frameon=False)
+            a.legend(fontsize=7, loc="lower left")
         a.barh(y, deltas, color=[colors[n] for n in names], zorder=2)
         a.axvline(0, color="black", lw=0.8)
         lim = max(3.0, 1.15 * float(np.abs(deltas).max()))
@@ -1093,6 +1094,8 @@ def plot_loss_ablation(rows: dict[str, dict], noise: float | None = None) -> Fig
                     vmax=20, xticklabels=SHORT_NAMES, yticklabels=False, cbar=False,
                     annot_kws={"fontsize": 7})  # fmt: skip
         b.set_title("per-class IoU − CONFETI's (points; blue: better than CONFETI)")
+        if title:
+            fig.suptitle(title, x=0.01, ha="left")
         fig.tight_layout()
     return fig
 
