@@ -282,14 +282,21 @@ LOSS_ABLATION = {  # run name -> the override that removes one term of CONFETI's
 # selftrain+style, no G = selftrain+contrast, no self-training = style and contrast.
 
 
+def loss_run_name(name: str, seed: int) -> str:
+    """The run (folder and results row) of one ``LOSS_ABLATION`` entry on one seed: the entry's
+    name on seed 0, ``NAME_seedS`` on the others, so that seeds never share a folder or a row."""
+    return name if seed == 0 else f"{name}_seed{seed}"
+
+
 def loss_jobs(out: Path, iters: int, seed: int = 0, names=None) -> list[Job]:
     """CONFETI once per ``LOSS_ABLATION`` entry (all of them by default), phase 0 shared."""
     names = list(names or LOSS_ABLATION)
     unknown = sorted(set(names) - set(LOSS_ABLATION))
     if unknown:
         raise SystemExit(f"--methods {unknown}: experiment losses knows {sorted(LOSS_ABLATION)}")
-    return [Job(n, "confeti", out / n, iters, seed, dict(LOSS_ABLATION[n]),
-                cut_cache=out / "cut_cache") for n in names]  # fmt: skip
+    runs = [(n, loss_run_name(n, seed)) for n in names]
+    return [Job(r, "confeti", out / r, iters, seed, dict(LOSS_ABLATION[n]),
+                cut_cache=out / "cut_cache") for n, r in runs]  # fmt: skip
 
 
 # ---- the gap matrix: which alignment closes which gap ----------------------------------------
@@ -572,6 +579,9 @@ def loss_table(losses: dict, ablation: dict, seed: int = 0) -> dict[str, dict]:
 
     methods = ablation.get("methods", ablation)
     runs = {r["name"]: r for r in losses.get("runs", []) if r.get("seed", 0) == seed}
+    runs = {
+        n: runs[loss_run_name(n, seed)] for n in LOSS_ABLATION if loss_run_name(n, seed) in runs
+    }
     found = {}
     for name, where, removed in LOSS_ROWS:
         if where == "losses":

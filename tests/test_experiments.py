@@ -147,6 +147,10 @@ def test_loss_ablation_switches_off_one_term_of_confeti_each():
         assert ["--set", f"{k}={v}"] == j.commands(Path("d"), "toy")[0][-4:-2]
     with pytest.raises(SystemExit, match="no_such"):
         ex.loss_jobs(Path("r"), 10, names=["no_psc", "no_such"])
+    # another seed: its own folder and results row, never the finished seed-0 run's
+    (j1,) = ex.loss_jobs(Path("runs/l"), iters=12800, seed=1, names=["no_psc"])
+    assert (j1.name, j1.out, j1.seed) == ("no_psc_seed1", Path("runs/l/no_psc_seed1"), 1)
+    assert j1.cut_cache == Path("runs/l/cut_cache")
 
 
 def test_recorded_rows_are_kept_on_a_new_machine_and_not_trained_again(tmp_path):
@@ -390,8 +394,8 @@ def test_loss_table_pairs_each_row_with_confetis_run_of_the_same_seed():
         "selftrain": {"runs": [_run(0, 47.0, 91.0, 20.0), _run(1, 46.5, 85.0, 15.0)]},
     }}  # fmt: skip
     losses = {"runs": [{"name": "no_psc", **_run(0, 44.5, 88.0, 6.0)},
-                       {"name": "no_psc", **_run(1, 49.0, 70.0, 1.0)},
-                       {"name": "no_cam", **_run(1, 40.0, 70.0, 1.0)}]}  # fmt: skip
+                       {"name": "no_psc_seed1", **_run(1, 49.0, 70.0, 1.0)},
+                       {"name": "no_cam_seed1", **_run(1, 40.0, 70.0, 1.0)}]}  # fmt: skip
     rows = ex.loss_table(losses, ablation, seed=0)
     assert list(rows) == ["confeti", "no_psc", "selftrain"]  # no_cam has no seed-0 run
     assert rows["no_psc"]["delta"] == -1.5 and rows["selftrain"]["delta"] == 1.0
