@@ -492,6 +492,12 @@ def generator_contrast(ckpt: Path, data: Path, n_source: int = 200, batch: int =
                             "contrast_target": t[i]} for i, c in enumerate(CLASSES)}}  # fmt: skip
 
 
+def _generator_key(g: dict) -> tuple:
+    """Which run a measured generator is: method, seed and the run's folder (two runs of one
+    method and seed, e.g. the loss-by-loss runs, are two generators)."""
+    return g["method"], g["seed"], Path(g["ckpt"]).parent.name
+
+
 def _generator_correlation(g: dict, diffs: dict) -> dict:
     """Spearman rho over the classes between a generator's per-class contrast ratios and each
     paired difference in ``diffs``: contrast in G(game) / in game (what G keeps), or / in the
@@ -541,8 +547,8 @@ def grid_experiment(data: Path, preset: str, ablation: Path, pairs=GRID_PAIRS,
             for dom in ("target", "source")
         }
     measured = [generator_contrast(Path(ck), data) for ck in ckpts]
-    now = {(g["method"], g["seed"]) for g in measured}
-    generators = [dict(g) for g in earlier if (g["method"], g["seed"]) not in now] + measured
+    now = {_generator_key(g) for g in measured}
+    generators = [dict(g) for g in earlier if _generator_key(g) not in now] + measured
     for g in generators:
         g["correlation"] = _generator_correlation(g, diffs)
     return {"experiment": "grid", **provenance(preset), "toystreets": toystreets_id(data),

@@ -1,6 +1,7 @@
 """Experiments of many runs: resumable jobs, results files, the convergence rule."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -334,6 +335,16 @@ def test_experiment_grid_keeps_generators_measured_earlier_and_recorrelates_them
     ab.write_text(json.dumps(table(("confeti", "selftrain"), 1.0)))
     main(args + ["--ckpt", str(ck)])
     (g,) = json.loads(out.read_text())["generators"]
+    # a second run of the same method and seed (another folder) is another generator
+    shutil.copytree(ck.parent, tmp_path / "style_again")
+    main(args + ["--ckpt", str(tmp_path / "style_again" / "checkpoint.pt")])
+    both = json.loads(out.read_text())["generators"]
+    assert [Path(x["ckpt"]).parent.name for x in both] == ["style", "style_again"]
+    ck2 = tmp_path / "style_again" / "checkpoint.pt"
+    main(args + ["--ckpt", str(ck2)])  # measured again: replaced, not added
+    assert len(json.loads(out.read_text())["generators"]) == 2
+    shutil.rmtree(tmp_path / "style_again")
+    out.write_text(json.dumps({**json.loads(out.read_text()), "generators": [g]}))
     ck.unlink()  # the run is gone (a new machine); its measurement stays in the results file
     ab.write_text(json.dumps(table(("confeti", "selftrain", "selftrain+style"), -1.0)))
     main(args)
