@@ -341,6 +341,7 @@ def _cmd_experiment(a) -> None:
             rows = ex.loss_table(res, ablation, a.seed)
             noise = ex.paired_noise(ablation)
             print(ex.loss_markdown(rows, noise))
+            print(ex.loss_seeds_markdown(ex.loss_seeds(res, ablation)))  # every seed run so far
             if a.figure:
                 from .plots import plot_loss_ablation, save_figure
 

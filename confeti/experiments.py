@@ -609,6 +609,60 @@ def loss_table(losses: dict, ablation: dict, seed: int = 0) -> dict[str, dict]:
     return found
 
 
+def loss_seeds(losses: dict, ablation: dict, against=("confeti", "selftrain")) -> dict:
+    """Every loss-by-loss run over the seeds it has, paired with the ablation's runs of its seed.
+
+    For a row r of ``LOSS_ABLATION`` run on seeds S, and each method b in ``against``:
+    d_b(s) = mIoU_r(s) - mIoU_b(s) for the s in S where b has a run, and their mean.
+    Returns {name: {"seeds": [...], "miou": [...], "minus": {b: [d_b(s)...]},
+    "mean": {b: mean d_b or None}}} for the rows run on at least one seed (``LOSS_ROWS`` order).
+    """
+    methods = ablation.get("methods", ablation)
+    by_seed = {b: {x["seed"]: x["miou"] for x in methods.get(b, {}).get("runs", [])}
+               for b in against}  # fmt: skip
+    runs = {r["name"]: r for r in losses.get("runs", [])}
+    out = {}
+    for name, where, _ in LOSS_ROWS:
+        if where != "losses":
+            continue
+        found = sorted((r["seed"], r["miou"]) for r in runs.values()
+                       if r["name"] == loss_run_name(name, r.get("seed", 0)))  # fmt: skip
+        if not found:
+            continue
+        row = {
+            "seeds": [s for s, _ in found],
+            "miou": [m for _, m in found],
+            "minus": {},
+            "mean": {},
+        }
+        for b in against:
+            d = [round(m - by_seed[b][s], 2) for s, m in found if s in by_seed[b]]
+            row["minus"][b] = d
+            row["mean"][b] = round(sum(d) / len(d), 2) if d else None
+        out[name] = row
+    return out
+
+
+def loss_seeds_markdown(rows: dict) -> str:
+    """``loss_seeds`` as a table: one line per loss run, its seeds, and the paired differences."""
+    against = next(iter(rows.values()))["minus"] if rows else {}
+    head = (
+        "| run | seeds | mIoU | " + " | ".join(f"− {b} (per seed) | mean" for b in against) + " |"
+    )
+    lines = [head, "|---|---|---|" + "---|---|" * len(against)]
+    for name, r in rows.items():
+        cells = [
+            f"{name}",
+            ", ".join(map(str, r["seeds"])),
+            ", ".join(f"{m:.2f}" for m in r["miou"]),
+        ]
+        for b in against:
+            cells.append(", ".join(f"{d:+.2f}" for d in r["minus"][b]) or "–")
+            cells.append("–" if r["mean"][b] is None else f"{r['mean'][b]:+.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def paired_noise(ablation: dict, a: str = "confeti", others=("selftrain", "selftrain+style",
                  "selftrain+contrast")) -> float | None:  # fmt: skip
     """How much a one-seed paired difference moves from seed to seed: the standard deviation

@@ -423,6 +423,28 @@ def test_loss_table_pairs_each_row_with_confetis_run_of_the_same_seed():
     assert "0.80 points" in text and "| selftrain | +1 | +0 |" in text
 
 
+def test_loss_seeds_pairs_every_seed_of_a_loss_run_with_that_seeds_methods():
+    ablation = {"methods": {
+        "confeti": {"runs": [_run(0, 46.0, 90.0), _run(1, 45.0, 80.0)]},
+        "selftrain": {"runs": [_run(0, 47.0, 91.0)]},
+    }}  # fmt: skip
+    losses = {"runs": [{"name": "no_target_contrast", **_run(0, 47.5, 88.0)},
+                       {"name": "no_target_contrast_seed1", **_run(1, 46.0, 70.0)},
+                       {"name": "no_psc", **_run(0, 42.0, 70.0)}]}  # fmt: skip
+    rows = ex.loss_seeds(losses, ablation)
+    assert list(rows) == ["no_psc", "no_target_contrast"]  # LOSS_ROWS order
+    r = rows["no_target_contrast"]
+    assert r["seeds"] == [0, 1] and r["miou"] == [47.5, 46.0]
+    assert r["minus"]["confeti"] == [1.5, 1.0] and r["mean"]["confeti"] == 1.25
+    assert r["minus"]["selftrain"] == [0.5] and r["mean"]["selftrain"] == 0.5  # no seed-1 run
+    text = ex.loss_seeds_markdown(rows)
+    assert (
+        "| no_target_contrast | 0, 1 | 47.50, 46.00 | +1.50, +1.00 | +1.25 | +0.50 | +0.50 |"
+        in text
+    )
+    assert "| no_psc | 0 | 42.00 | -4.00 | -4.00 | -5.00 | -5.00 |" in text
+
+
 def test_paired_noise_is_the_pooled_seed_std_of_paired_differences():
     def m(*v):
         return {"runs": [_run(s, x, 0.0) for s, x in enumerate(v)]}
