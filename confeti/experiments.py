@@ -613,30 +613,28 @@ def loss_seeds(losses: dict, ablation: dict, against=("confeti", "selftrain")) -
     """Every loss-by-loss run over the seeds it has, paired with the ablation's runs of its seed.
 
     For a row r of ``LOSS_ABLATION`` run on seeds S, and each method b in ``against``:
-    d_b(s) = mIoU_r(s) - mIoU_b(s) for the s in S where b has a run, and their mean.
-    Returns {name: {"seeds": [...], "miou": [...], "minus": {b: [d_b(s)...]},
+    d_b(s) = mIoU_r(s) - mIoU_b(s) for the s in S where b has a run (``paired_difference``),
+    and their mean. Returns {name: {"seeds": [...], "miou": [...], "minus": {b: [d_b(s)...]},
     "mean": {b: mean d_b or None}}} for the rows run on at least one seed (``LOSS_ROWS`` order).
     """
+    from .ablation import paired_difference
+
     methods = ablation.get("methods", ablation)
-    by_seed = {b: {x["seed"]: x["miou"] for x in methods.get(b, {}).get("runs", [])}
-               for b in against}  # fmt: skip
-    runs = {r["name"]: r for r in losses.get("runs", [])}
     out = {}
-    for name, where, _ in LOSS_ROWS:
-        if where != "losses":
+    for name in (n for n, where, _ in LOSS_ROWS if where == "losses"):
+        runs = sorted((r for r in losses.get("runs", [])
+                       if r["name"] == loss_run_name(name, r.get("seed", 0))),
+                      key=lambda r: r["seed"])  # fmt: skip
+        if not runs:
             continue
-        found = sorted((r["seed"], r["miou"]) for r in runs.values()
-                       if r["name"] == loss_run_name(name, r.get("seed", 0)))  # fmt: skip
-        if not found:
-            continue
-        row = {
-            "seeds": [s for s, _ in found],
-            "miou": [m for _, m in found],
-            "minus": {},
-            "mean": {},
-        }
+        row = {"seeds": [r["seed"] for r in runs], "miou": [r["miou"] for r in runs],
+               "minus": {}, "mean": {}}  # fmt: skip
         for b in against:
-            d = [round(m - by_seed[b][s], 2) for s, m in found if s in by_seed[b]]
+            pair = {name: {"runs": runs}, b: methods.get(b, {"runs": []})}
+            try:
+                d = paired_difference(pair, name, b)["miou"]
+            except ValueError:  # b has no run of these seeds
+                d = []
             row["minus"][b] = d
             row["mean"][b] = round(sum(d) / len(d), 2) if d else None
         out[name] = row
