@@ -326,6 +326,8 @@ def _cmd_experiment(a) -> None:
         # the same file (e.g. a second lane) may have added some while this one trained.
         now = ex.recorded_rows(results, a.preset, data)
         res["runs"] = [row for name, row in now.items() if name not in names] + res["runs"]
+        if "methods" in res:  # the methods of the whole file, not of this call only
+            res["methods"] = ex.file_methods(res["runs"], res["methods"])
         ex.write_results(res, results)
         print(f"{len(res['runs'])} finished runs in {results}")
     if a.name == "convergence":

@@ -351,6 +351,14 @@ def gap_jobs(out: Path, variants: dict[str, Path], methods, iters: int, seed: in
             for v, d in variants.items() for m in methods]  # fmt: skip
 
 
+def file_methods(runs: list[dict], called=()) -> list[str]:
+    """The methods a gap-matrix file lists: this call's (``called``) and every method it holds a
+    run of, in ``GAP_METHODS`` order, others after (sorted). A call for some methods adds its
+    runs to the file; it must not shrink the file's list to its own methods."""
+    have = set(called) | {r["method"] for r in runs}
+    return [m for m in GAP_METHODS if m in have] + sorted(have - set(GAP_METHODS))
+
+
 def gap_table(res: dict) -> dict[str, dict[str, float]]:
     """{variant: {method: mIoU}} of a gap-matrix result."""
     table: dict[str, dict[str, float]] = {}

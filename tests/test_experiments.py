@@ -104,6 +104,14 @@ def test_gap_matrix_runs_each_variant_on_its_own_data(toy, tmp_path):
     assert set(ex.gap_table(res)) == {"both", "appearance"}
 
 
+def test_a_call_for_some_methods_keeps_the_files_method_list():
+    runs = [{"method": "selftrain"}, {"method": "fda"}, {"method": "style"}, {"method": "mine"}]
+    # a `--methods style` call on a file holding fda and selftrain runs lists all three
+    assert ex.file_methods(runs, ["style"]) == ["fda", "style", "selftrain", "mine"]
+    # a first call lists what it was asked for, finished or not, in the matrix's order
+    assert ex.file_methods([], ["confeti", "oracle"]) == ["oracle", "confeti"]
+
+
 def test_gap_matrix_figure_shows_every_cell():
     from confeti.plots import plot_gap_matrix
 
