@@ -352,13 +352,14 @@ def _cmd_experiment(a) -> None:
                 save_figure(plot_loss_ablation(rows, noise, title), a.figure)
                 print(f"wrote {a.figure}")
     if a.name == "gapmatrix":
-        table = ex.gap_table(res)
-        print(json.dumps({"miou": table, "gap_closed_percent": ex.gap_closed(table)}, indent=1))
-        print(ex.gap_markdown(table))
+        table, seeds = ex.gap_table(res), ex.gap_seeds(res)
+        print(json.dumps({"miou": table, "gap_closed_percent": ex.gap_closed(table),
+                          "miou_by_seed": seeds}, indent=1))  # fmt: skip
+        print(ex.gap_markdown(table, seeds=seeds))
         if a.figure:
             from .plots import plot_gap_matrix, save_figure
 
-            save_figure(plot_gap_matrix(table), a.figure)
+            save_figure(plot_gap_matrix(table, seeds), a.figure)
             print(f"wrote {a.figure}")
 
 
@@ -526,7 +527,9 @@ def main(argv=None) -> None:
                    "repeat; default: appearance, content and both)")  # fmt: skip
     p.add_argument("--lengths", type=int, nargs="*", default=None, help="convergence: run lengths")
     p.add_argument("--methods", nargs="*", default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="the runs' seed; losses, gapmatrix: a seed other than 0 adds rows "
+                   "NAME_seedS to the same --results (a gap-matrix cell shows its seeds' mean)")  # fmt: skip
     p.add_argument("--jobs", type=int, default=2, help="processes at once (one thread each)")
     p.add_argument("--ablation", default=None,
                    help="convergence, gapmatrix: take the runs that are this ablation table's "

@@ -345,8 +345,11 @@ def variant_data(root: Path, name: str, knobs: dict, default: Path) -> Path:
 
 
 def gap_jobs(out: Path, variants: dict[str, Path], methods, iters: int, seed: int = 0) -> list[Job]:
-    """One run per variant and method, each on its variant's data; phase 0 shared per data."""
-    return [Job(f"{v}/{m}", m, out / v / m.replace("+", "_"), iters, seed,
+    """One run per variant and method, each on its variant's data; phase 0 shared per data.
+    Seed 0's run of method m on variant v is row ``v/m`` in folder ``out/v/m``; another seed's
+    is ``v/m_seedS`` (``loss_run_name``), so a ``--seed`` call adds rows to the same file."""
+    return [Job(f"{v}/{loss_run_name(m, seed)}", m,
+                out / v / loss_run_name(m.replace("+", "_"), seed), iters, seed,
                 cut_cache=out / "cut_cache", data=d, variant=v)
             for v, d in variants.items() for m in methods]  # fmt: skip
 
@@ -359,12 +362,18 @@ def file_methods(runs: list[dict], called=()) -> list[str]:
     return [m for m in GAP_METHODS if m in have] + sorted(have - set(GAP_METHODS))
 
 
-def gap_table(res: dict) -> dict[str, dict[str, float]]:
-    """{variant: {method: mIoU}} of a gap-matrix result."""
-    table: dict[str, dict[str, float]] = {}
+def gap_seeds(res: dict) -> dict[str, dict[str, list[float]]]:
+    """{variant: {method: [mIoU of each seed's run, by seed]}} of a gap-matrix result."""
+    by: dict[str, dict[str, dict[int, float]]] = {}
     for r in res["runs"]:
-        table.setdefault(r["variant"], {})[r["method"]] = r["miou"]
-    return table
+        by.setdefault(r["variant"], {}).setdefault(r["method"], {})[r.get("seed", 0)] = r["miou"]
+    return {v: {m: [x[s] for s in sorted(x)] for m, x in row.items()} for v, row in by.items()}
+
+
+def gap_table(res: dict) -> dict[str, dict[str, float]]:
+    """{variant: {method: mIoU}} of a gap-matrix result: the mean over the cell's seeds
+    (most cells have one run; ``gap_seeds`` gives every run)."""
+    return {v: {m: sum(x) / len(x) for m, x in row.items()} for v, row in gap_seeds(res).items()}
 
 
 def gap_closed(table: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
@@ -378,18 +387,30 @@ def gap_closed(table: dict[str, dict[str, float]]) -> dict[str, dict[str, float]
     return out
 
 
-def gap_markdown(table: dict[str, dict[str, float]], methods=GAP_METHODS) -> str:
+def gap_markdown(table: dict[str, dict[str, float]], methods=GAP_METHODS,
+                 seeds: dict[str, dict[str, list[float]]] | None = None) -> str:  # fmt: skip
     """The gap matrix as a markdown table: one row per variant, each cell "mIoU (gap closed)";
-    "–" where the run has not finished."""
+    "–" where the run has not finished. With ``seeds`` (``gap_seeds``), a cell of n > 1 runs
+    reads "mean ± std (gap closed, n seeds)", the std over its seeds (ddof = 1)."""
+    import statistics
+
     closed = gap_closed(table)
     cols = [m for m in methods if any(m in row for row in table.values())]
     lines = ["| variant | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for v, row in table.items():
         cells = []
         for m in cols:
+            if m not in row:
+                cells.append("–")
+                continue
+            runs = (seeds or {}).get(v, {}).get(m, [])
             g = closed.get(v, {}).get(m)
-            cells.append("–" if m not in row else f"{row[m]:.1f}" + ("" if g is None or m in
-                         ("source_only", "oracle") else f" ({g:.0f} %)"))  # fmt: skip
+            notes = [] if g is None or m in ("source_only", "oracle") else [f"{g:.0f} %"]
+            cell = f"{row[m]:.1f}"
+            if len(runs) > 1:
+                cell += f" ± {statistics.stdev(runs):.1f}"
+                notes.append(f"{len(runs)} seeds")
+            cells.append(cell + (f" ({', '.join(notes)})" if notes else ""))
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

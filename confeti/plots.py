@@ -1015,10 +1015,12 @@ def plot_convergence(table: dict[str, dict[int, float]], chosen: int | None = No
     return fig
 
 
-def plot_gap_matrix(table: dict[str, dict[str, float]]) -> Figure:
+def plot_gap_matrix(table: dict[str, dict[str, float]],
+                    seeds: dict[str, dict[str, list[float]]] | None = None) -> Figure:  # fmt: skip
     """Which alignment closes which gap: ToyStreets variants (rows) x methods (columns), each cell
     the share of that variant's source-only -> oracle gap the method closes (colour, percent)
-    with its mIoU. ``table``: {variant: {method: mIoU}} (experiments.gap_table)."""
+    with its mIoU. ``table``: {variant: {method: mIoU}} (experiments.gap_table, the mean over a
+    cell's seeds); with ``seeds`` (experiments.gap_seeds) a cell of several runs says how many."""
     from .experiments import gap_closed
 
     closed = gap_closed(table)
@@ -1035,8 +1037,11 @@ def plot_gap_matrix(table: dict[str, dict[str, float]]) -> Figure:
             for j, m in enumerate(methods):
                 if m in table[v]:
                     dark = vals[i, j] < -25  # the deep red end: black text would not read
-                    ax.text(j, i, f"{vals[i, j]:.0f} %\n{table[v][m]:.1f}", ha="center",
-                            va="center", fontsize=8, color="white" if dark else "black")  # fmt: skip
+                    n = len((seeds or {}).get(v, {}).get(m, []))
+                    text = f"{vals[i, j]:.0f} %\n{table[v][m]:.1f}"
+                    text += f"\n{n} seeds" if n > 1 else ""
+                    ax.text(j, i, text, ha="center", va="center", fontsize=8,
+                            color="white" if dark else "black")  # fmt: skip
                 else:  # a white cell is a run not finished yet, not a score
                     ax.text(j, i, "not run\nyet", ha="center", va="center", fontsize=8,
                             color="0.5")  # fmt: skip
@@ -1049,7 +1054,9 @@ def plot_gap_matrix(table: dict[str, dict[str, float]]) -> Figure:
         ax.set_yticks(range(len(variants)), [names.get(v, v) for v in variants])
         ax.set_ylabel("ToyStreets gap")
         ax.set_xlabel("method")
-        ax.set_title("gap closed (% of source-only -> oracle) and mIoU on city val")
+        several = any(len(x) > 1 for row in (seeds or {}).values() for x in row.values())
+        ax.set_title("gap closed (% of source-only -> oracle) and mIoU on city val"
+                     + ("\n(mean over seeds where a cell says so; one seed elsewhere)" if several else ""))  # fmt: skip
         fig.colorbar(im, ax=ax, label="gap closed (%)")
         fig.tight_layout()
     return fig

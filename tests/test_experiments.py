@@ -481,3 +481,30 @@ def test_loss_figure_draws_one_bar_and_one_heatmap_row_per_removed_part():
     cells = [t.get_text() for t in heat.texts]
     assert len(cells) == 2 * 19 and "+15" in cells and "-2" in cells  # bicycle, road
     assert "0.80" in bars.get_legend().get_texts()[0].get_text()  # the seed-noise band
+
+
+def test_a_gap_matrix_seed_gets_its_own_runs_and_cells_average_over_seeds(tmp_path):
+    from confeti.plots import plot_gap_matrix
+
+    variants = {"appearance": tmp_path / "a", "content": tmp_path / "c"}
+    seed0 = ex.gap_jobs(tmp_path, variants, ["selftrain+style"], iters=4)
+    seed2 = ex.gap_jobs(tmp_path, variants, ["selftrain+style"], iters=4, seed=2)
+    assert [j.name for j in seed0] == ["appearance/selftrain+style", "content/selftrain+style"]
+    assert [j.name for j in seed2] == ["appearance/selftrain+style_seed2",
+                                       "content/selftrain+style_seed2"]  # fmt: skip
+    assert seed2[0].out == tmp_path / "appearance" / "selftrain_style_seed2" and seed2[0].seed == 2
+    assert {j.out for j in seed0}.isdisjoint(j.out for j in seed2)
+    row = {"variant": "appearance"}
+    res = {"runs": [{**row, "method": "source_only", "seed": 0, "miou": 30.0},
+                    {**row, "method": "oracle", "seed": 0, "miou": 60.0},
+                    {**row, "method": "style", "seed": 2, "miou": 48.0},
+                    {**row, "method": "style", "seed": 0, "miou": 44.0},
+                    {**row, "method": "style", "seed": 1, "miou": 46.0}]}  # fmt: skip
+    assert ex.gap_seeds(res)["appearance"]["style"] == [44.0, 46.0, 48.0]  # by seed
+    table = ex.gap_table(res)
+    assert table["appearance"]["style"] == pytest.approx(46.0)
+    md = ex.gap_markdown(table, seeds=ex.gap_seeds(res)).splitlines()
+    assert md[2] == "| appearance | 30.0 | 60.0 | 46.0 ± 2.0 (53 %, 3 seeds) |"
+    assert ex.gap_markdown(table).splitlines()[2] == "| appearance | 30.0 | 60.0 | 46.0 (53 %) |"
+    texts = [t.get_text() for t in plot_gap_matrix(table, ex.gap_seeds(res)).axes[0].texts]
+    assert "53 %\n46.0\n3 seeds" in texts and "0 %\n30.0" in texts
