@@ -27,6 +27,7 @@ import itertools
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -332,15 +333,32 @@ def parse_variant(spec: str) -> tuple[str, dict]:
 
 def variant_data(root: Path, name: str, knobs: dict, default: Path) -> Path:
     """The data folder of a variant: ``default`` (the --data folder) when it has no knobs, else
-    ``root/name``, generated once (a folder without ``toystreets.json`` is unfinished: rewritten)."""
+    ``root/name``, generated once.
+
+    Two lanes started together on a fresh machine both find ``root/name`` missing. Each writes
+    into its own ``root/.name.tmp-<pid>`` and renames it to ``root/name`` when complete (one
+    atomic step); a lane that finds the name taken by then drops its copy (same arguments, same
+    bytes). So no lane ever reads a folder another is still writing. A ``root/name`` without
+    ``toystreets.json`` (left by an older version) is unfinished: removed and rewritten."""
     if not knobs:
         return default
     from .toystreets import write_toystreets
 
     out = root / name
-    if not (out / "toystreets.json").exists():
-        print(f"generating ToyStreets variant {name} {knobs} -> {out}", flush=True)
-        write_toystreets(out, progress=False, **knobs)
+    if (out / "toystreets.json").exists():
+        return out
+    if out.exists():
+        shutil.rmtree(out, ignore_errors=True)
+    print(f"generating ToyStreets variant {name} {knobs} -> {out}", flush=True)
+    tmp = root / f".{name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_toystreets(tmp, progress=False, **knobs)
+    try:
+        tmp.rename(out)
+    except OSError:  # another lane renamed its (identical) copy first
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (out / "toystreets.json").exists():
+            raise
     return out
 
 

@@ -104,6 +104,42 @@ def test_gap_matrix_runs_each_variant_on_its_own_data(toy, tmp_path):
     assert set(ex.gap_table(res)) == {"both", "appearance"}
 
 
+def test_variant_data_never_exposes_a_half_written_folder(tmp_path, monkeypatch):
+    """Two lanes generating the same variant: each writes its own temporary folder and renames
+    it when complete; the lane that finds the name taken keeps the other's and drops its own."""
+    import confeti.toystreets as ts
+
+    seen = []
+
+    def fake_write(out, progress=False, **knobs):  # stands in for the minute-long generation
+        seen.append(out)
+        assert out.name.startswith(".") and ".tmp-" in out.name  # never written in place
+        (out / "gta5").mkdir(parents=True)
+        (out / "toystreets.json").write_text(json.dumps({"writer": out.name, **knobs}))
+
+    monkeypatch.setattr(ts, "write_toystreets", fake_write)
+    # an unfinished folder left by an older version is replaced
+    (tmp_path / "data" / "content" / "gta5").mkdir(parents=True)
+    out = ex.variant_data(tmp_path / "data", "content", {"appearance_gap": 0}, tmp_path / "toy")
+    assert out == tmp_path / "data" / "content"
+    assert json.loads((out / "toystreets.json").read_text())["writer"] == seen[0].name
+    # finished: not generated again
+    assert ex.variant_data(tmp_path / "data", "content", {"appearance_gap": 0}, tmp_path) == out
+    assert len(seen) == 1
+
+    # another lane finishes first while this one generates: its folder stays, ours goes
+    def other_lane_wins(out, progress=False, **knobs):
+        fake_write(out, **knobs)
+        other = tmp_path / "data" / "both2"
+        (other / "gta5").mkdir(parents=True)
+        (other / "toystreets.json").write_text(json.dumps({"writer": "other"}))
+
+    monkeypatch.setattr(ts, "write_toystreets", other_lane_wins)
+    out = ex.variant_data(tmp_path / "data", "both2", {"content_gap": 0}, tmp_path)
+    assert json.loads((out / "toystreets.json").read_text())["writer"] == "other"
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["both2", "content"]
+
+
 def test_a_call_for_some_methods_keeps_the_files_method_list():
     runs = [{"method": "selftrain"}, {"method": "fda"}, {"method": "style"}, {"method": "mine"}]
     # a `--methods style` call on a file holding fda and selftrain runs lists all three
