@@ -134,10 +134,17 @@ def collect(out: str | Path, methods=ABLATION_METHODS, seeds: int = 3, recorded=
 
 
 def mean_std(r: dict) -> str:
-    """Mean ± std over the seeds, "45.9 ± 0.6"; one seed has no spread: "45.4 (1 seed)"."""
+    """Mean ± std over the seeds, "45.9 ± 0.6"; one seed has no spread: "45.4 (1 seed)".
+
+    Computed from the runs' mIoUs where the row has them: the stored ``miou_mean`` and
+    ``miou_std`` are rounded to two decimals, and rounding those again to one can be off by one
+    in the last digit (std 0.4456 stored as 0.45 would print as 0.5)."""
+    mious = np.array([x["miou"] for x in r["runs"]]) if r.get("runs") else None
+    mean = float(mious.mean()) if mious is not None else r["miou_mean"]
     if r["seeds"] < 2:
-        return f"{r['miou_mean']:.1f} (1 seed)"
-    return f"{r['miou_mean']:.1f} ± {r['miou_std']:.1f}"
+        return f"{mean:.1f} (1 seed)"
+    std = float(mious.std(ddof=1)) if mious is not None and len(mious) > 1 else r["miou_std"]
+    return f"{mean:.1f} ± {std:.1f}"
 
 
 def markdown_table(res: dict) -> str:
@@ -148,7 +155,8 @@ def markdown_table(res: dict) -> str:
         "|---|---|---|---|---|---|",
     ]
     for m, r in res.items():
-        ci = r.get("ci95")
+        runs = r.get("runs")  # rounded once, from the runs (as in mean_std)
+        ci = interval95(np.array([x["miou"] for x in runs])) if runs else r.get("ci95")
         ci_s = "–" if ci is None else f"{ci[0]:.1f} – {ci[1]:.1f}"
         g = r.get("gap_closed_percent")
         g_s = "–" if g is None else f"{g:.0f} %"

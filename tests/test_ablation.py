@@ -331,3 +331,23 @@ def test_collect_gives_no_mean_to_a_class_no_run_scored(tmp_path):
         r = collect(tmp_path, ["selftrain"], seeds=2)["selftrain"]
     assert r["iou_mean"]["train"] is None and r["iou_mean"]["road"] == 50.5
     assert r["miou_mean"] == 41.0 and r["seeds"] == 2
+
+
+def test_mean_std_rounds_once_from_the_runs(tmp_path):
+    """std 0.4456 is stored as 0.45 (two decimals); the table must print 0.4, not 0.5."""
+    from confeti.ablation import collect, markdown_table
+
+    mious = [47.24, 46.78, 47.11, 46.09, 46.79]
+    runs = _table_of({"selftrain": {s: (v, 1.0) for s, v in enumerate(mious)}})
+    recorded = {("selftrain", r["seed"]): dict(r, seconds=1.0) for r in runs["selftrain"]["runs"]}
+    res = collect(tmp_path, ["selftrain"], 5, recorded)
+    assert res["selftrain"]["miou_std"] == 0.45
+    row = markdown_table(res).splitlines()[2].split(" | ")
+    assert row[1] == "46.8 ± 0.4"
+    # the interval too: 55.554 is stored as 55.55, whose float prints as 55.5; the table: 55.6
+    oracle = [56.14, 55.86, 56.29]
+    runs = _table_of({"oracle": {s: (v, 1.0) for s, v in enumerate(oracle)}})
+    recorded = {("oracle", r["seed"]): dict(r, seconds=1.0) for r in runs["oracle"]["runs"]}
+    res = collect(tmp_path, ["oracle"], 3, recorded)
+    row = markdown_table(res).splitlines()[2].split(" | ")
+    assert res["oracle"]["ci95"][0] == 55.55 and row[2] == "55.6 – 56.6"
