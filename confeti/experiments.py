@@ -338,8 +338,9 @@ def variant_data(root: Path, name: str, knobs: dict, default: Path) -> Path:
     Two lanes started together on a fresh machine both find ``root/name`` missing. Each writes
     into its own ``root/.name.tmp-<pid>`` and renames it to ``root/name`` when complete (one
     atomic step); a lane that finds the name taken by then drops its copy (same arguments, same
-    bytes). So no lane ever reads a folder another is still writing. A ``root/name`` without
-    ``toystreets.json`` (left by an older version) is unfinished: removed and rewritten."""
+    bytes). So no lane ever reads a folder another is still writing, and an interrupted lane
+    removes its copy. A ``root/name`` without ``toystreets.json`` (left by an older version) is
+    unfinished: removed and rewritten."""
     if not knobs:
         return default
     from .toystreets import write_toystreets
@@ -352,7 +353,11 @@ def variant_data(root: Path, name: str, knobs: dict, default: Path) -> Path:
     print(f"generating ToyStreets variant {name} {knobs} -> {out}", flush=True)
     tmp = root / f".{name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    write_toystreets(tmp, progress=False, **knobs)
+    try:
+        write_toystreets(tmp, progress=False, **knobs)
+    except BaseException:  # Ctrl-C or an error: leave no half-written copy behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     try:
         tmp.rename(out)
     except OSError:  # another lane renamed its (identical) copy first

@@ -139,6 +139,15 @@ def test_variant_data_never_exposes_a_half_written_folder(tmp_path, monkeypatch)
     assert json.loads((out / "toystreets.json").read_text())["writer"] == "other"
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["both2", "content"]
 
+    def interrupted(out, progress=False, **knobs):
+        (out / "gta5").mkdir(parents=True)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ts, "write_toystreets", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ex.variant_data(tmp_path / "data", "fog", {"content_gap": 0}, tmp_path)
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["both2", "content"]
+
 
 def test_a_call_for_some_methods_keeps_the_files_method_list():
     runs = [{"method": "selftrain"}, {"method": "fda"}, {"method": "style"}, {"method": "mine"}]
