@@ -319,7 +319,8 @@ def _cmd_experiment(a) -> None:
         recorded.update(ex.ablation_rows(Path(a.ablation), jobs, data))
     try:
         if not a.collect_only:
-            ex.run_jobs(jobs, data, preset=a.preset, n_procs=a.jobs, recorded=recorded)
+            ex.run_jobs(jobs, data, preset=a.preset, n_procs=a.jobs, recorded=recorded,
+                        threads=a.threads)  # fmt: skip
     finally:  # whatever finished is kept, also after Ctrl-C
         res = ex.collect(jobs, a.preset, a.name, extra, recorded)
         # The file's rows of other runs are read now, not at the start: another call writing
@@ -530,7 +531,13 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0,
                    help="the runs' seed; losses, gapmatrix: a seed other than 0 adds rows "
                    "NAME_seedS to the same --results (a gap-matrix cell shows its seeds' mean)")  # fmt: skip
-    p.add_argument("--jobs", type=int, default=2, help="processes at once (one thread each)")
+    p.add_argument("--jobs", type=int, default=2, help="processes at once (--threads each)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="threads per process (default 1; one long run alone: --jobs 1 --threads 2)",
+    )
     p.add_argument("--ablation", default=None,
                    help="convergence, gapmatrix: take the runs that are this ablation table's "
                    "(same method, length, seed and data) from it instead of training them; "

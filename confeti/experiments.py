@@ -87,13 +87,14 @@ class Job:
 
 
 def run_jobs(jobs: list[Job], data: Path, preset: str = "toy", n_procs: int = 2,
-             progress: bool = True, recorded: dict | None = None) -> None:  # fmt: skip
-    """Run the unfinished jobs, the most expensive first, ``n_procs`` processes of 1 thread;
-    a job with a row in ``recorded`` (``recorded_rows``) counts as finished."""
+             progress: bool = True, recorded: dict | None = None, threads: int = 1) -> None:  # fmt: skip
+    """Run the unfinished jobs, the most expensive first, ``n_procs`` processes of ``threads``
+    threads each (one run alone on 2 cores: ``n_procs=1, threads=2``); a job with a row in
+    ``recorded`` (``recorded_rows``) counts as finished."""
     recorded = recorded or {}
     todo = [j for j in jobs if not j.done() and _row_of(j, recorded) is None]
     todo = sorted(todo, key=lambda j: -j.cost())
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
 
     def one(job: Job) -> str:
         job.out.mkdir(parents=True, exist_ok=True)

@@ -553,3 +553,21 @@ def test_a_gap_matrix_seed_gets_its_own_runs_and_cells_average_over_seeds(tmp_pa
     assert ex.gap_markdown(table).splitlines()[2] == "| appearance | 30.0 | 60.0 | 46.0 (53 %) |"
     texts = [t.get_text() for t in plot_gap_matrix(table, ex.gap_seeds(res)).axes[0].texts]
     assert "53 %\n46.0\n3 seeds" in texts and "0 %\n30.0" in texts
+
+
+def test_run_jobs_gives_each_process_the_threads_asked_for(tmp_path, monkeypatch):
+    """`experiment --jobs 1 --threads 2`: one long run alone on both cores."""
+    import subprocess
+    from types import SimpleNamespace
+
+    seen = []
+
+    def fake_run(cmd, env, stdout, stderr):
+        seen.append(env["OMP_NUM_THREADS"])
+        return SimpleNamespace(returncode=0)
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    job = ex.Job("confeti", "confeti", tmp_path / "confeti", 4, 0)
+    ex.run_jobs([job], tmp_path, preset="smoke", n_procs=1, progress=False, threads=2)
+    ex.run_jobs([job], tmp_path, preset="smoke", n_procs=1, progress=False)
+    assert seen == ["2", "1"]
