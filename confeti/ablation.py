@@ -133,17 +133,21 @@ def collect(out: str | Path, methods=ABLATION_METHODS, seeds: int = 3, recorded=
     return res
 
 
+def _run_mious(r: dict) -> np.ndarray | None:
+    """The mIoU of each run of a table row, unrounded (None for a row without its runs). The
+    row's ``miou_mean``, ``miou_std`` and ``ci95`` are stored at two decimals; a table printed
+    from them at one would round twice (std 0.4456 stored as 0.45 prints as 0.5)."""
+    return np.array([x["miou"] for x in r["runs"]]) if r.get("runs") else None
+
+
 def mean_std(r: dict) -> str:
     """Mean ± std over the seeds, "45.9 ± 0.6"; one seed has no spread: "45.4 (1 seed)".
-
-    Computed from the runs' mIoUs where the row has them: the stored ``miou_mean`` and
-    ``miou_std`` are rounded to two decimals, and rounding those again to one can be off by one
-    in the last digit (std 0.4456 stored as 0.45 would print as 0.5)."""
-    mious = np.array([x["miou"] for x in r["runs"]]) if r.get("runs") else None
-    mean = float(mious.mean()) if mious is not None else r["miou_mean"]
+    From the runs where the row has them (``_run_mious``: rounded once)."""
+    mious = _run_mious(r)
+    mean = r["miou_mean"] if mious is None else float(mious.mean())
     if r["seeds"] < 2:
         return f"{mean:.1f} (1 seed)"
-    std = float(mious.std(ddof=1)) if mious is not None and len(mious) > 1 else r["miou_std"]
+    std = r["miou_std"] if mious is None else float(mious.std(ddof=1))
     return f"{mean:.1f} ± {std:.1f}"
 
 
@@ -155,8 +159,8 @@ def markdown_table(res: dict) -> str:
         "|---|---|---|---|---|---|",
     ]
     for m, r in res.items():
-        runs = r.get("runs")  # rounded once, from the runs (as in mean_std)
-        ci = interval95(np.array([x["miou"] for x in runs])) if runs else r.get("ci95")
+        mious = _run_mious(r)  # rounded once, as in mean_std
+        ci = r.get("ci95") if mious is None else interval95(mious)
         ci_s = "–" if ci is None else f"{ci[0]:.1f} – {ci[1]:.1f}"
         g = r.get("gap_closed_percent")
         g_s = "–" if g is None else f"{g:.0f} %"
