@@ -536,7 +536,8 @@ def main(argv=None) -> None:
         "--threads",
         type=int,
         default=1,
-        help="threads per process (default 1; one long run alone: --jobs 1 --threads 2)",
+        help="threads per process (default 1; one long run on an otherwise idle machine: "
+        "--jobs 1 --threads 2, which stalls when another process takes a core)",
     )
     p.add_argument("--ablation", default=None,
                    help="convergence, gapmatrix: take the runs that are this ablation table's "
