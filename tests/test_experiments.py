@@ -553,6 +553,11 @@ def test_a_gap_matrix_seed_gets_its_own_runs_and_cells_average_over_seeds(tmp_pa
     assert ex.gap_markdown(table).splitlines()[2] == "| appearance | 30.0 | 60.0 | 46.0 (53 %) |"
     texts = [t.get_text() for t in plot_gap_matrix(table, ex.gap_seeds(res)).axes[0].texts]
     assert "53 %\n46.0\n3 seeds" in texts and "0 %\n30.0" in texts
+    title = plot_gap_matrix(table, ex.gap_seeds(res)).axes[0].get_title()
+    assert title.endswith("(mean over seeds where a cell says so; one seed elsewhere)")
+    res["runs"] += [{**r, "seed": 1} for r in res["runs"][:2]]  # every cell has several seeds now
+    title = plot_gap_matrix(ex.gap_table(res), ex.gap_seeds(res)).axes[0].get_title()
+    assert title.endswith("(mean over the seeds each cell names)") and "one seed" not in title
 
 
 def test_run_jobs_gives_each_process_the_threads_asked_for(tmp_path, monkeypatch):
