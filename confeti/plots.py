@@ -1033,11 +1033,13 @@ def plot_gap_matrix(table: dict[str, dict[str, float]],
     with plt.rc_context(STYLE):
         fig, ax = plt.subplots(figsize=(1.3 * len(methods) + 1.8, 0.75 * len(variants) + 1.4))
         im = ax.imshow(vals, cmap="RdYlGn", vmin=-50, vmax=100, aspect="auto")
+        counts = []  # runs per drawn cell, for the title
         for i, v in enumerate(variants):
             for j, m in enumerate(methods):
                 if m in table[v]:
                     dark = vals[i, j] < -25  # the deep red end: black text would not read
                     n = len((seeds or {}).get(v, {}).get(m, []))
+                    counts.append(n)
                     text = f"{vals[i, j]:.0f} %\n{table[v][m]:.1f}"
                     text += f"\n{n} seeds" if n > 1 else ""
                     ax.text(j, i, text, ha="center", va="center", fontsize=8,
@@ -1054,7 +1056,6 @@ def plot_gap_matrix(table: dict[str, dict[str, float]],
         ax.set_yticks(range(len(variants)), [names.get(v, v) for v in variants])
         ax.set_ylabel("ToyStreets gap")
         ax.set_xlabel("method")
-        counts = [len((seeds or {}).get(v, {}).get(m, [])) for v in variants for m in table[v]]
         note = ("" if all(n <= 1 for n in counts)  # one run per cell: nothing to say
                 else "\n(mean over the seeds each cell names)" if all(n > 1 for n in counts)
                 else "\n(mean over seeds where a cell says so; one seed elsewhere)")  # fmt: skip
